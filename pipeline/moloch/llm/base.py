@@ -1,0 +1,73 @@
+"""The one interface every role (player, voter, judge) talks to.
+
+A backend turns a batch of chat requests into completions. Everything that
+decides an answer is in the request (messages, sampling, seed, sample index,
+adapter), so the request is also the cache key (see ``cache.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Protocol, runtime_checkable
+
+Message = tuple[str, str]  # (role, content)
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    messages: tuple[Message, ...]
+    temperature: float
+    top_p: float = 1.0
+    max_tokens: int = 256
+    seed: int = 0
+    sample_index: int = 0  # the n-th independent sample for the same messages
+    adapter: str | None = None  # path of a LoRA adapter folder, or None for the base model
+    enable_thinking: bool | None = None  # chat-template switch (Qwen3)
+
+    @staticmethod
+    def chat(system: str | None, user: str, **kwargs) -> ChatRequest:
+        messages: list[Message] = []
+        if system is not None:
+            messages.append(("system", system))
+        messages.append(("user", user))
+        return ChatRequest(messages=tuple(messages), **kwargs)
+
+    def as_openai_messages(self) -> list[dict[str, str]]:
+        return [{"role": role, "content": content} for role, content in self.messages]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "stop"
+    cached: bool = False
+    meta: dict = field(default_factory=dict, compare=False)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What a model backend provides. ``identity`` names the exact weights."""
+
+    name: str
+
+    def identity(self) -> dict:
+        """Everything that pins the model: id, revision or file hash."""
+        ...
+
+    def generate(self, requests: Sequence[ChatRequest]) -> list[Completion]:
+        """Answer every request, in order. Must not drop any."""
+        ...
+
+
+def stable_hash(obj) -> str:
+    """SHA-256 of a JSON-serialisable object with sorted keys."""
+    blob = json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
