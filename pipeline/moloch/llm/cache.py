@@ -1,0 +1,239 @@
+"""Persistent cache of model calls, one SQLite file shared by every stage and process.
+
+The key of a call is a hash of everything that decides its answer: the
+backend and the exact weights it serves (``identity()``), the content of the
+LoRA adapter (not its path), the messages and every sampling setting. A run
+that is interrupted and started again therefore pays only for the calls it
+had not finished, and a report can be rebuilt offline from the cache alone
+(``MOLOCH_LLM_MODE=replay``).
+
+Writes are committed batch by batch in WAL mode with a busy timeout, so
+several processes can fill the same file at once and a crash loses at most
+the calls that were in flight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from ..errors import ModelError
+from ..paths import cache_dir
+from .base import Backend, ChatRequest, Completion, stable_hash
+
+CACHE_FILE_NAME = "calls.sqlite"
+BUSY_TIMEOUT_MS = 60_000  # writers wait this long for the lock before failing
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS calls (
+    key TEXT PRIMARY KEY,
+    backend TEXT NOT NULL,
+    model TEXT NOT NULL,
+    request TEXT NOT NULL,
+    text TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    finish_reason TEXT NOT NULL,
+    meta TEXT NOT NULL,
+    created REAL NOT NULL
+)
+"""
+
+
+def default_cache_path() -> Path:
+    return cache_dir() / CACHE_FILE_NAME
+
+
+def adapter_hash(path: str) -> str:
+    """SHA-256 over every file of a LoRA adapter folder (names and bytes).
+
+    Memoised on the path and each file's size and modification time, so the
+    weights are read once per folder, yet an adapter retrained in place gets
+    a new hash.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ModelError(
+            f"adapter folder {folder} does not exist: train it first (the training stage "
+            f"writes it) or fix the adapter path in the request"
+        )
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    if not files:
+        raise ModelError(f"adapter folder {folder} is empty: train the adapter again")
+    signature = tuple(
+        (f.relative_to(folder).as_posix(), f.stat().st_size, f.stat().st_mtime_ns) for f in files
+    )
+    return _hash_files(str(folder.resolve()), signature)
+
+
+@cache
+def _hash_files(folder: str, signature: tuple[tuple[str, int, int], ...]) -> str:
+    digest = hashlib.sha256()
+    for name, _, _ in signature:
+        digest.update(name.encode("utf-8") + b"\0")
+        with (Path(folder) / name).open("rb") as handle:
+            for block in iter(lambda h=handle: h.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def key_fields(identity: dict, backend_name: str, request: ChatRequest) -> dict:
+    """The fields that decide an answer, as the plain dict that is hashed."""
+    return {
+        "backend": backend_name,
+        "identity": identity,
+        "adapter": adapter_hash(request.adapter) if request.adapter else None,
+        "messages": [list(m) for m in request.messages],
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "max_tokens": request.max_tokens,
+        "seed": request.seed,
+        "sample_index": request.sample_index,
+        "enable_thinking": request.enable_thinking,
+    }
+
+
+def call_key(backend: Backend, request: ChatRequest, identity: dict | None = None) -> str:
+    """Cache key of one request to one backend (``identity``: its identity(), if known)."""
+    identity = backend.identity() if identity is None else identity
+    return stable_hash(key_fields(identity, backend.name, request))
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    writes: int = 0
+
+
+class CallCache:
+    """Completions by call key, in one SQLite file.
+
+    One connection per process (and thread): a connection opened before a
+    fork is never reused by the child.
+    """
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path is not None else default_cache_path()
+        self.stats = CacheStats()
+        self._local = threading.local()
+
+    def __repr__(self) -> str:
+        return f"CallCache({str(self.path)!r})"
+
+    # --- connection -------------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and self._local.pid == os.getpid():
+            return conn
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000)
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute(_SCHEMA)
+            conn.commit()
+        except sqlite3.DatabaseError as err:
+            raise ModelError(
+                f"call cache {self.path} cannot be opened ({err}); if it is corrupt, move it "
+                f"away and rerun (calls not in it are recomputed), or set MOLOCH_CACHE"
+            ) from err
+        self._local.conn, self._local.pid = conn, os.getpid()
+        return conn
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and self._local.pid == os.getpid():
+            conn.close()
+        self._local.conn = None
+
+    # --- reads and writes --------------------------------------------------------
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, Completion]:
+        """The cached completions among ``keys`` (counted as hits and misses)."""
+        wanted = list(dict.fromkeys(keys))
+        found: dict[str, Completion] = {}
+        conn = self._connection()
+        for start in range(0, len(wanted), 500):  # stay under SQLite's variable limit
+            chunk = wanted[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = conn.execute(
+                "SELECT key, text, prompt_tokens, completion_tokens, finish_reason, meta "
+                f"FROM calls WHERE key IN ({marks})",
+                chunk,
+            )
+            for key, text, p_tok, c_tok, finish, meta in rows:
+                found[key] = Completion(
+                    text=text,
+                    prompt_tokens=p_tok,
+                    completion_tokens=c_tok,
+                    finish_reason=finish,
+                    cached=True,
+                    meta=json.loads(meta),
+                )
+        self.stats.hits += len(found)
+        self.stats.misses += len(wanted) - len(found)
+        return found
+
+    def get(self, key: str) -> Completion | None:
+        return self.get_many([key]).get(key)
+
+    def put_many(
+        self,
+        backend: Backend,
+        entries: Sequence[tuple[str, ChatRequest, Completion]],
+    ) -> None:
+        """Store (key, request, completion) triples in one committed transaction.
+
+        The first answer stored under a key wins: a cached answer never changes
+        once a stage may have used it.
+        """
+        if not entries:
+            return
+        identity = backend.identity()
+        model = str(identity.get("model", ""))
+        now = time.time()
+        rows = [
+            (
+                key,
+                backend.name,
+                model,
+                json.dumps(request.to_json(), ensure_ascii=False),
+                completion.text,
+                int(completion.prompt_tokens),
+                int(completion.completion_tokens),
+                completion.finish_reason,
+                json.dumps(completion.meta, ensure_ascii=False, default=str),
+                now,
+            )
+            for key, request, completion in entries
+        ]
+        conn = self._connection()
+        with conn:  # one transaction, committed on exit
+            conn.executemany(
+                "INSERT OR IGNORE INTO calls (key, backend, model, request, text, prompt_tokens, "
+                "completion_tokens, finish_reason, meta, created) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+        self.stats.writes += len(rows)
+
+    def request_json(self, key: str) -> dict | None:
+        """The request stored with a key (for audits and error messages)."""
+        row = self._connection().execute("SELECT request FROM calls WHERE key = ?", (key,))
+        found = row.fetchone()
+        return json.loads(found[0]) if found else None
+
+    def __len__(self) -> int:
+        return self._connection().execute("SELECT COUNT(*) FROM calls").fetchone()[0]

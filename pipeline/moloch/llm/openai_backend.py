@@ -1,0 +1,273 @@
+"""Any OpenAI-compatible chat endpoint (api.openai.com, vLLM's server, a proxy...).
+
+The endpoint and key come from the environment variables the profile names
+(``base_url_env``, ``api_key_env``; by default ``OPENAI_BASE_URL`` and
+``OPENAI_API_KEY``). Requests run concurrently up to ``max_concurrency``; rate
+limits, server errors, time-outs, dropped connections and unreadable replies
+are retried here with exponential back-off and jitter (the ``openai``
+client's own retries are off, so the policy is ours and tested). The key is
+never written to a log, a manifest, ``identity()`` or an error message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import threading
+from collections.abc import Coroutine, Mapping, Sequence
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import openai
+
+from ..config import ModelSpec
+from ..errors import ModelError
+from .base import ChatRequest, Completion
+from .client import PartialBatchError
+
+log = logging.getLogger(__name__)
+
+OPENAI_URL = "https://api.openai.com/v1"
+NO_KEY = "EMPTY"  # what local servers (vLLM, llama.cpp) accept when they check no key
+RETRY_STATUS = frozenset({408, 409, 429})  # and every 5xx
+# Models that reject `max_tokens` and want `max_completion_tokens` (reasoning models).
+COMPLETION_TOKENS_PREFIXES = ("o1", "o3", "o4", "gpt-5")
+
+
+class _Unusable(Exception):
+    """A reply that arrived but cannot be read (bad JSON, no choices, no text)."""
+
+
+def public_url(url: str) -> str:
+    """``url`` without user, password, query or fragment (where secrets may hide)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
+
+
+class OpenAIBackend:
+    """Chat completions from an OpenAI-compatible server, concurrently and with retries."""
+
+    name = "openai"
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        env: Mapping[str, str] | None = None,
+        timeout: float = 120.0,
+        max_retries: int = 8,
+        base_delay: float = 1.0,
+        max_delay: float = 60.0,
+        jitter_seed: int = 0,
+    ):
+        env = os.environ if env is None else env
+        self.spec = spec
+        self.base_url = (env.get(spec.base_url_env) or OPENAI_URL).rstrip("/")
+        # Checked at the first call, not here: replaying from the cache needs no key.
+        self._key = env.get(spec.api_key_env) or ""  # never in repr, identity() or errors
+        self.timeout, self.max_retries = timeout, max_retries
+        self.base_delay, self.max_delay = base_delay, max_delay
+        # Jitter only spreads retries out in time; it never changes an answer.
+        self._jitter = random.Random(jitter_seed)
+
+    def __repr__(self) -> str:
+        return f"OpenAIBackend(model={self.spec.model!r}, base_url={public_url(self.base_url)!r})"
+
+    def identity(self) -> dict:
+        return {
+            "backend": self.name,
+            "model": self.spec.model,
+            "base_url": public_url(self.base_url),
+        }
+
+    # --- public -----------------------------------------------------------------
+
+    def generate(self, requests: Sequence[ChatRequest]) -> list[Completion]:
+        if not requests:
+            return []
+        if not self._key:
+            if urlsplit(self.base_url).hostname == "api.openai.com":
+                raise ModelError(
+                    f"no API key for {self.spec.model!r} at {OPENAI_URL}: set the environment "
+                    f"variable {self.spec.api_key_env}, or point {self.spec.base_url_env} at a "
+                    f"local server"
+                )
+            self._key = NO_KEY
+        return _run_coroutine(self._generate_all(list(requests)))
+
+    # --- internals ---------------------------------------------------------------
+
+    async def _generate_all(self, requests: list[ChatRequest]) -> list[Completion]:
+        limit = asyncio.Semaphore(self.spec.max_concurrency)
+        client = openai.AsyncOpenAI(
+            base_url=self.base_url, api_key=self._key, max_retries=0, timeout=self.timeout
+        )
+        try:
+
+            async def one(index: int, request: ChatRequest) -> Completion:
+                async with limit:
+                    return await self._with_retries(client, index, request)
+
+            # Every request runs to its end, so one failure does not discard the others.
+            results = await asyncio.gather(
+                *(one(i, r) for i, r in enumerate(requests)), return_exceptions=True
+            )
+        finally:
+            await client.close()
+        done = {i: r for i, r in enumerate(results) if isinstance(r, Completion)}
+        failures = [r for r in results if not isinstance(r, Completion)]
+        if failures:
+            first = failures[0]
+            if not isinstance(first, ModelError):
+                raise first
+            raise PartialBatchError(
+                f"{len(failures)} of {len(requests)} requests failed; the first: {first}",
+                completed=done,
+            )
+        return [done[i] for i in range(len(requests))]
+
+    async def _with_retries(
+        self, client: openai.AsyncOpenAI, index: int, request: ChatRequest
+    ) -> Completion:
+        for attempt in range(self.max_retries + 1):
+            try:
+                return await self._once(client, request)
+            except Exception as err:
+                reason = self._retry_reason(err)
+                if reason is None:
+                    raise self._error(f"failed: {self._describe(err)}", index, request) from None
+                if attempt == self.max_retries:
+                    raise self._error(
+                        f"still failing after {attempt + 1} attempts (last: {reason})",
+                        index,
+                        request,
+                    ) from None
+                delay = self._delay(attempt, err)
+                log.warning(
+                    "%s request %d: %s; retry %d/%d in %.2fs",
+                    self.spec.model,
+                    index,
+                    reason,
+                    attempt + 1,
+                    self.max_retries,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    async def _once(self, client: openai.AsyncOpenAI, request: ChatRequest) -> Completion:
+        tokens_arg = (
+            "max_completion_tokens"
+            if self.spec.model.startswith(COMPLETION_TOKENS_PREFIXES)
+            else "max_tokens"
+        )
+        try:
+            reply = await client.chat.completions.create(
+                model=self.spec.model,
+                messages=request.as_openai_messages(),
+                temperature=request.temperature,
+                top_p=request.top_p,
+                seed=request.seed,
+                n=1,
+                **{tokens_arg: request.max_tokens},
+            )
+        except ValueError as err:  # the body was not JSON (json.JSONDecodeError)
+            raise _Unusable(f"reply is not valid JSON ({type(err).__name__})") from err
+        return _completion(reply)
+
+    def _retry_reason(self, err: Exception) -> str | None:
+        """Why ``err`` is worth another try, or None if it is not."""
+        if isinstance(err, _Unusable):
+            return str(err)
+        if isinstance(err, openai.APITimeoutError):
+            return "timed out"
+        if isinstance(err, openai.APIConnectionError):
+            return "connection error"
+        if isinstance(err, openai.APIResponseValidationError):
+            return "reply does not match the API schema"
+        if isinstance(err, openai.APIStatusError) and (
+            err.status_code in RETRY_STATUS or err.status_code >= 500
+        ):
+            return f"HTTP {err.status_code}"
+        return None
+
+    def _delay(self, attempt: int, err: Exception) -> float:
+        delay = min(self.max_delay, self.base_delay * 2**attempt)
+        delay *= self._jitter.uniform(0.5, 1.0)
+        response = getattr(err, "response", None)
+        retry_after = response.headers.get("retry-after") if response is not None else None
+        # Honour a numeric Retry-After (capped); an HTTP date is left to our own back-off.
+        with contextlib.suppress(TypeError, ValueError):
+            delay = max(delay, min(self.max_delay, float(retry_after)))
+        return delay
+
+    def _describe(self, err: Exception) -> str:
+        if isinstance(err, openai.APIStatusError):
+            return f"HTTP {err.status_code}: {self._scrub(str(err.message))}"
+        return f"{type(err).__name__}: {self._scrub(str(err))}"
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._key, "***") if self._key not in ("", NO_KEY) else text
+
+    def _error(self, what: str, index: int, request: ChatRequest) -> ModelError:
+        last = request.messages[-1][1] if request.messages else ""
+        return ModelError(
+            f"{self.spec.model!r} at {public_url(self.base_url)}: request {index} of the batch "
+            f"(last message starts {last[:80]!r}, seed {request.seed}, sample "
+            f"{request.sample_index}) {self._scrub(what)}. Completed calls are cached; check the "
+            f"server and rerun."
+        )
+
+
+def _completion(reply: Any) -> Completion:
+    """Read the first choice of a reply, or raise _Unusable."""
+    if isinstance(reply, str):  # the openai client returns the text of a non-JSON reply
+        raise _Unusable("reply is not JSON")
+    try:
+        choice = reply.choices[0]
+        text = choice.message.content
+        finish = choice.finish_reason or "unknown"
+    except (AttributeError, IndexError, TypeError, KeyError) as err:
+        raise _Unusable(f"reply has no readable choice ({type(err).__name__})") from err
+    if not isinstance(text, str):
+        raise _Unusable("reply has no message text")
+    usage = getattr(reply, "usage", None)
+    return Completion(
+        text=text,
+        prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
+        completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+        finish_reason=str(finish),
+        meta={
+            "id": getattr(reply, "id", None),
+            "model": getattr(reply, "model", None),
+            "system_fingerprint": getattr(reply, "system_fingerprint", None),
+        },
+    )
+
+
+def _run_coroutine(coroutine: Coroutine[Any, Any, list[Completion]]) -> list[Completion]:
+    """Run to completion, also from code that already has a loop (a Jupyter kernel)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = asyncio.run(coroutine)
+        except BaseException as err:  # handed to the caller's thread below
+            box["error"] = err
+
+    thread = threading.Thread(target=target, name="openai-backend")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]

@@ -1,0 +1,281 @@
+"""The OpenAI-compatible backend against a real local HTTP server with scripted faults."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from moloch.config import ModelSpec
+from moloch.errors import ModelError
+from moloch.llm import CallCache, ChatRequest, Completion, get_llm
+from moloch.llm.cache import call_key
+from moloch.llm.openai_backend import OpenAIBackend, public_url
+
+SECRET = "sk-test-SECRET-0123456789"
+
+
+def reply_body(text: str) -> bytes:
+    return json.dumps(
+        {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "created": 0,
+            "model": "toy",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16},
+        }
+    ).encode()
+
+
+class Server:
+    """A chat-completions endpoint that plays a script of behaviours, one per request.
+
+    Behaviours: "ok", "429", "500", "401", "slow", "truncated", "malformed". When
+    the script runs out every request gets "ok"; a message starting "doomed" always
+    gets "500". ``seen`` keeps the request bodies.
+    """
+
+    def __init__(self):
+        self.script: deque[str] = deque()
+        self.seen: list[dict] = []
+        self.auth: list[str] = []
+        self.delay = 0.0  # seconds every request takes
+        self.inflight = self.peak = 0  # requests being served now, and at most
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep pytest output clean
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    server.seen.append(body)
+                    server.auth.append(self.headers.get("Authorization", ""))
+                    action = server.script.popleft() if server.script else "ok"
+                    server.inflight += 1
+                    server.peak = max(server.peak, server.inflight)
+                try:
+                    time.sleep(server.delay)
+                    self.act(action, body)
+                finally:
+                    with server.lock:
+                        server.inflight -= 1
+
+            def act(self, action, body):
+                if self.path != "/v1/chat/completions":
+                    return self.send(404, b'{"error": {"message": "no such path"}}')
+                user = body["messages"][-1]["content"]
+                if user.startswith("doomed"):  # this request always fails
+                    action = "500"
+                if action == "ok":
+                    return self.send(200, reply_body(f"echo: {user}"))
+                if action == "429":
+                    return self.send(429, b'{"error": {"message": "slow down"}}')
+                if action == "500":
+                    return self.send(500, b'{"error": {"message": "boom"}}')
+                if action == "401":  # a server that echoes the credentials it got
+                    msg = {"error": {"message": f"bad key {self.headers['Authorization']}"}}
+                    return self.send(401, json.dumps(msg).encode())
+                if action == "slow":
+                    time.sleep(1.0)
+                    return self.send(200, reply_body("too late"))
+                if action == "truncated":
+                    return self.send(200, reply_body("cut")[:40])
+                if action == "malformed":
+                    return self.send(200, b'{"id": "x", "choices": "not a list"}')
+                raise AssertionError(action)
+
+            def send(self, status, payload):
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True  # a handler still sleeping must not hold teardown
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    with Server() as s:
+        yield s
+
+
+def spec(**changes) -> ModelSpec:
+    values = dict(backend="openai", model="toy", temperature=0.1, max_tokens=16, max_concurrency=4)
+    return ModelSpec(**{**values, **changes})
+
+
+def backend(server, key=SECRET, **kwargs) -> OpenAIBackend:
+    env = {"OPENAI_BASE_URL": server.url, "OPENAI_API_KEY": key}
+    settings = dict(env=env, timeout=0.4, max_retries=3, base_delay=0.01, max_delay=0.05)
+    return OpenAIBackend(spec(), **{**settings, **kwargs})
+
+
+def ask(text: str, **kwargs) -> ChatRequest:
+    return ChatRequest.chat("You are a voter.", text, temperature=0.1, max_tokens=16, **kwargs)
+
+
+def test_ok_sends_the_sampling_settings(server):
+    out = backend(server).generate([ask("hello", seed=42)])
+    assert out[0].text == "echo: hello" and out[0].prompt_tokens == 11
+    assert out[0].completion_tokens == 5 and out[0].finish_reason == "stop"
+    body = server.seen[0]
+    assert body["model"] == "toy" and body["seed"] == 42 and body["n"] == 1
+    assert body["temperature"] == 0.1 and body["top_p"] == 1.0 and body["max_tokens"] == 16
+    assert body["messages"] == [
+        {"role": "system", "content": "You are a voter."},
+        {"role": "user", "content": "hello"},
+    ]
+    assert server.auth[0] == f"Bearer {SECRET}"
+
+
+@pytest.mark.parametrize("fault", ["429", "500", "slow", "truncated", "malformed"])
+def test_transient_fault_is_retried(server, fault):
+    server.script.extend([fault])
+    out = backend(server).generate([ask("again")])
+    assert out[0].text == "echo: again"
+    assert len(server.seen) == 2  # the fault, then the retry
+
+
+def test_persistent_500_is_a_model_error_naming_the_request(server):
+    server.script.extend(["500"] * 10)
+    with pytest.raises(ModelError) as info:
+        backend(server, max_retries=2).generate([ask("doomed ballot", seed=3)])
+    assert len(server.seen) == 3  # 1 + 2 retries
+    message = str(info.value)
+    assert "after 3 attempts" in message and "HTTP 500" in message
+    assert "doomed ballot" in message and "seed 3" in message and "'toy'" in message
+
+
+def test_persistent_malformed_json_is_a_model_error(server):
+    server.script.extend(["truncated"] * 10)
+    with pytest.raises(ModelError, match="after 2 attempts.*not valid JSON"):
+        backend(server, max_retries=1).generate([ask("x")])
+
+
+def test_client_errors_are_not_retried(server):
+    server.script.extend(["401"])
+    with pytest.raises(ModelError, match="HTTP 401"):
+        backend(server).generate([ask("x")])
+    assert len(server.seen) == 1
+
+
+def test_many_requests_come_back_in_order_within_the_concurrency_limit(server):
+    server.script.extend(["429", "ok", "500"])
+    server.delay = 0.05
+    out = backend(server).generate([ask(f"q{i}") for i in range(12)])
+    assert [c.text for c in out] == [f"echo: q{i}" for i in range(12)]
+    assert len(server.seen) == 14
+    assert 2 <= server.peak <= 4  # concurrent, and never above max_concurrency
+
+
+def test_key_never_leaks(server, caplog):
+    caplog.set_level(logging.DEBUG)
+    server.script.extend(["429", "401"])
+    client = backend(server)
+    with pytest.raises(ModelError) as info:
+        client.generate([ask("x")])
+    assert "bad key" in str(info.value)  # the server's message is kept...
+    assert SECRET not in str(info.value)  # ...with the key scrubbed out
+    assert SECRET not in repr(client) and SECRET not in json.dumps(client.identity())
+    assert SECRET not in caplog.text and "retry 1/3" in caplog.text
+
+
+def test_identity_strips_credentials_from_the_url():
+    assert public_url("https://user:pw@example.org:8443/v1/?api-key=abc#x") == (
+        "https://example.org:8443/v1"
+    )
+    env = {"OPENAI_BASE_URL": "https://u:secret@host.example/v1", "OPENAI_API_KEY": SECRET}
+    ident = OpenAIBackend(spec(), env=env).identity()
+    assert ident == {"backend": "openai", "model": "toy", "base_url": "https://host.example/v1"}
+
+
+def test_missing_key_for_openai_names_the_variable():
+    keyless = OpenAIBackend(spec(api_key_env="MY_KEY"), env={})  # replay needs no key
+    with pytest.raises(ModelError, match="set the environment variable MY_KEY"):
+        keyless.generate([ask("x")])
+
+
+def test_replay_needs_no_key(tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    cache = CallCache(tmp_path / "c.sqlite")
+    llm = get_llm(spec(), cache=cache, mode="replay")  # api.openai.com, and no key
+    assert llm.backend.identity()["base_url"] == "https://api.openai.com/v1"
+    stored = Completion("stored answer", prompt_tokens=3)
+    cache.put_many(llm.backend, [(call_key(llm.backend, ask("offline")), ask("offline"), stored)])
+    assert llm.complete([ask("offline")])[0].text == "stored answer"
+
+
+def test_local_server_needs_no_key(server):
+    out = backend(server, key="").generate([ask("local")])
+    assert out[0].text == "echo: local" and server.auth[0] == "Bearer EMPTY"
+
+
+def test_reasoning_models_get_max_completion_tokens(server):
+    env = {"OPENAI_BASE_URL": server.url}
+    OpenAIBackend(spec(model="o3-mini"), env=env).generate([ask("x")])
+    assert server.seen[0]["max_completion_tokens"] == 16 and "max_tokens" not in server.seen[0]
+
+
+def test_through_the_client_and_cache(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_BASE_URL", server.url)
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    cache = CallCache(tmp_path / "c.sqlite")
+    llm = get_llm(spec(), cache=cache, mode="live", role="voter")
+    first = llm.complete([ask("a"), ask("b")])
+    second = get_llm(spec(), cache=cache, mode="live").complete([ask("a"), ask("b")])
+    assert [c.text for c in second] == [c.text for c in first] == ["echo: a", "echo: b"]
+    assert len(server.seen) == 2 and all(c.cached for c in second)
+    stored = (tmp_path / "c.sqlite").read_bytes()
+    assert SECRET.encode() not in stored
+    assert SECRET not in json.dumps(llm.stats())
+
+
+def test_one_failure_keeps_the_rest_of_the_batch(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_BASE_URL", server.url)
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    cache = CallCache(tmp_path / "c.sqlite")
+    llm = get_llm(spec(), cache=cache, mode="live", role="judge")
+    llm.backend.max_retries, llm.backend.base_delay = 1, 0.01
+    with pytest.raises(ModelError, match="1 of 3 requests failed.*doomed"):
+        llm.complete([ask("a"), ask("doomed"), ask("b")])
+    replayed = get_llm(spec(), cache=cache, mode="replay").complete([ask("a"), ask("b")])
+    assert [c.text for c in replayed] == ["echo: a", "echo: b"]
+
+
+def test_works_inside_a_running_event_loop(server):
+    import asyncio
+
+    async def notebook_cell():
+        return backend(server).generate([ask("from a kernel")])
+
+    assert asyncio.run(notebook_cell())[0].text == "echo: from a kernel"
