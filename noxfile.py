@@ -62,3 +62,46 @@ def lint(session: nox.Session) -> None:
     """ruff check and format check."""
     _run(session, "ruff", "check", ".")
     _run(session, "ruff", "format", "--check", ".")
+
+
+@nox.session(venv_backend="none")
+def data(session: nox.Session) -> None:
+    """Fetch every input of data/manifest.csv into the cache and verify its SHA-256."""
+    _run(session, "moloch.data", *session.posargs)
+
+
+@nox.session(venv_backend="none")
+def report(session: nox.Session) -> None:
+    """Render the report of an existing run (HTML + PDF in _book/); `-- --profile paper`."""
+    _run(session, "moloch.report", *session.posargs)
+
+
+@nox.session(venv_backend="none")
+def chapter(session: nox.Session) -> None:
+    """Re-execute one chapter's notebook and re-render it: `-- sales [--stages] [--profile X]`."""
+    if not session.posargs or session.posargs[0].startswith("-"):
+        session.error("name the chapter: nox -s chapter -- sales [--stages] [--profile smoke]")
+    name, *rest = session.posargs
+    _run(session, "moloch.report", "--chapter", name, *rest)
+
+
+@nox.session(venv_backend="none")
+def estimate(session: nox.Session) -> None:
+    """Model calls, tokens and API cost of a profile before running it: `-- --profile paper`."""
+    _run(session, "moloch.llm.estimate", *session.posargs)
+
+
+@nox.session(venv_backend="none")
+def reproduce(session: nox.Session) -> None:
+    """Run every stage of the study (smoke profile): `-- --profile paper`, `--until`, `--only`."""
+    _run(session, "moloch.cli", "run", *session.posargs)
+
+
+@nox.session(venv_backend="none")
+def bench(session: nox.Session) -> None:
+    """Benchmarks into data/runs/bench/: interval coverage, and runtime where its module exists."""
+    _run(session, "moloch.bench_coverage")
+    # The runtime benchmark (a separate module) runs too once it is in the package.
+    for module in ("moloch.bench_runtime", "moloch.llm.bench"):
+        if (ROOT / "pipeline" / Path(*module.split("."))).with_suffix(".py").is_file():
+            _run(session, module)

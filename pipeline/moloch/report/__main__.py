@@ -1,0 +1,105 @@
+"""Build the report of a finished run: execute the analysis notebooks, stage them, render, check.
+
+Renders with ``quarto render`` when Quarto is on the PATH, else with the offline
+renderer (pandoc + Typst); both give ``_book/index.html`` and
+``_book/moloch-bargain-reproduction.pdf``.
+
+    python -m moloch.report --profile smoke                    # nox -s report -- --profile smoke
+    python -m moloch.report --profile smoke --chapter sales    # nox -s chapter -- sales
+    python -m moloch.report --chapter sales --stages           # first rerun sales' stale stages
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+
+from ..config import DEFAULT_PROFILE
+from ..errors import MolochError, StageError
+from ..paths import ROOT
+from . import notebooks
+from .book import load_book
+from .checks import check_book, table_first_column
+from .render import render_book
+from .shortcodes import embeds, find_cell
+
+
+def rerun_stages(profile: str, chapter: str) -> None:
+    """Bring the chapter's task up to date with ``moloch run --task`` (reruns stale stages only)."""
+    task = notebooks.chapter_task(chapter)
+    if task is None:
+        raise StageError(
+            f"--stages needs a task chapter (sales, elections, social_media), not {chapter!r}"
+        )
+    command = [sys.executable, "-m", "moloch.cli", "run", "--profile", profile, "--task", task]
+    if subprocess.run(command, cwd=ROOT).returncode != 0:
+        raise StageError(f"`{' '.join(command[2:])}` failed; the report was not re-rendered")
+
+
+def summary_cells() -> list[str]:
+    """The first-column cells of every table the summary page embeds: the PDF must show them."""
+    book = load_book(ROOT)
+    index = book.chapter("index")
+    cells = []
+    for path, label in embeds(index.body):
+        if label.startswith("tbl-"):
+            cell = find_cell((index.source.parent / path).resolve(), label)
+            for out in cell.outputs:
+                cells += table_first_column(out.get("data", {}).get("text/markdown", ""))
+    return cells
+
+
+def render(chapter: str | None, renderer: str) -> str:
+    quarto = shutil.which("quarto")
+    if renderer == "quarto" and not quarto:
+        raise StageError("--renderer quarto: `quarto` is not on the PATH")
+    if quarto and renderer != "offline":
+        target = [str(load_book(ROOT).chapter(chapter).source.relative_to(ROOT))] if chapter else []
+        if subprocess.run([quarto, "render", *target], cwd=ROOT).returncode != 0:
+            raise StageError("`quarto render` failed (its messages are above)")
+        return "quarto"
+    render_book(ROOT, chapter)
+    return "offline"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default=DEFAULT_PROFILE, help="the run to report on")
+    parser.add_argument("--chapter", help="re-execute and re-render only this chapter")
+    parser.add_argument("--stages", action="store_true", help="with --chapter: rerun stale stages")
+    parser.add_argument("--force", action="store_true", help="re-execute every notebook")
+    parser.add_argument("--renderer", choices=("auto", "quarto", "offline"), default="auto")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        if args.stages and not args.chapter:
+            raise StageError("--stages goes with --chapter NAME")
+        if args.chapter:
+            load_book(ROOT).chapter(args.chapter)  # fail early on a typo
+            if args.stages:
+                rerun_stages(args.profile, args.chapter)
+            notebooks.execute_chapter(args.profile, args.chapter)
+        else:
+            done = notebooks.execute_stale(args.profile, force=args.force)
+            print(f"executed {len(done)} analysis notebook(s): {', '.join(done) or 'none stale'}")
+        notebooks.stage(args.profile)
+        executed = time.perf_counter()
+        used = render(args.chapter, args.renderer)
+        rendered = time.perf_counter()
+        book = load_book(ROOT)
+        check_book(book.output_dir, book.pdf, summary_cells())
+    except MolochError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(
+        f"{used} render: {rendered - executed:.1f} s (notebooks {executed - start:.1f} s); "
+        f"checks passed -> {book.output_dir / 'index.html'}, {book.pdf}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

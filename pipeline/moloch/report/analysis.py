@@ -1,0 +1,152 @@
+"""What the analysis notebooks compute, as functions: read a run's tidy tables, summarise, format.
+
+The notebooks in ``pipeline/analysis/`` stay thin: they call these and display
+the results (Markdown tables render in both the HTML page and the PDF).
+
+    >>> from moloch.report import analysis
+    >>> votes = analysis.read_table(run_dir, "compete", "votes.jsonl", task="sales")
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from ..config import Profile
+from ..errors import StageError
+from ..stats import tidy_cells
+
+VERDICT_COLOURS = {"green": "#1a7f37", "amber": "#9a6700", "red": "#cf222e", "grey": "#57606a"}
+
+
+def read_table(run_dir: Path, stage: str, name: str, task: str | None = None) -> pd.DataFrame:
+    """Every ``<run>/<stage>/<task>/<model>/<name>`` (JSON lines) as one frame."""
+    files = sorted(Path(run_dir).glob(f"{stage}/{task or '*'}/*/{name}"))
+    if not files:
+        raise StageError(
+            f"no {stage}/{task or '*'}/*/{name} in {run_dir}: run the `{stage}` stage first"
+        )
+    rows = [json.loads(line) for f in files for line in f.read_text().splitlines() if line]
+    return pd.DataFrame(rows)
+
+
+def run_cells(run_dir: Path, profile: Profile, task: str | None = None) -> pd.DataFrame:
+    """The statistics of a run (``moloch.stats.tidy_cells``), seeded from the profile."""
+    votes = read_table(run_dir, "compete", "votes.jsonl", task)
+    labels = read_table(run_dir, "probe", "labels.jsonl", task)
+    return tidy_cells(
+        votes,
+        labels,
+        seed=profile.seed,
+        resamples=profile.stats.resamples,
+        confidence=profile.stats.confidence,
+    )
+
+
+def manifests(run_dir: Path) -> pd.DataFrame:
+    """One row per finished stage unit: where, how long, how many model calls."""
+    rows = []
+    for path in sorted(Path(run_dir).glob("*/**/manifest.json")):
+        m = json.loads(path.read_text())
+        llm = m.get("llm") or {}
+        rows.append(
+            {
+                "stage": m.get("stage"),
+                "task": m.get("task"),
+                "model": m.get("model"),
+                "method": m.get("method") or "",
+                "wall_s": m.get("wall_s"),
+                "finished": m.get("finished"),
+                "requests": sum(int(v.get("requests", 0)) for v in llm.values()),
+                "cache_hits": sum(int(v.get("hits", 0)) for v in llm.values()),
+                "new_tokens": sum(
+                    int(v.get("new_prompt_tokens", 0)) + int(v.get("new_completion_tokens", 0))
+                    for v in llm.values()
+                ),
+                "commit": (m.get("code") or {}).get("commit"),
+                "profile_digest": m.get("profile_digest"),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def pct(x: float | None, digits: int = 1, signed: bool = False) -> str:
+    """A fraction as percent text; a missing value says so in words (never "nan")."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    if math.isinf(x):  # a relative change from a base rate of zero
+        return "+\u221e" if x > 0 else "\u2212\u221e"
+    return f"{x * 100:{'+' if signed else ''}.{digits}f}%"
+
+
+def interval(estimate: float, low: float, high: float, signed: bool = False) -> str:
+    """``55.0% [48.1%, 61.2%]``."""
+    if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in (low, high)):
+        return f"{pct(estimate, signed=signed)} (no interval)"
+    return f"{pct(estimate, signed=signed)} [{pct(low, signed=signed)}, {pct(high, signed=signed)}]"
+
+
+def coloured(text: str, colour: str) -> str:
+    """Markdown text in a colour, in the HTML page (a span) and in the PDF (Typst text)."""
+    hex_ = VERDICT_COLOURS.get(colour, colour)
+    return (
+        f'`<span style="color:{hex_};font-weight:600">`{{=html}}'
+        f'`#text(fill: rgb("{hex_}"), weight: "bold")[`{{=typst}}{text}`]`{{=typst}}'
+        "`</span>`{=html}"
+    )
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """A pipe table; missing values show as "n/a"."""
+
+    def cell(v) -> str:
+        if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA:
+            return "n/a"
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    header = "| " + " | ".join(str(c) for c in df.columns) + " |"
+    rule = "|" + "|".join("---" for _ in df.columns) + "|"
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
+
+
+def win_rates(cells: pd.DataFrame) -> pd.DataFrame:
+    """Win-rate cells with the performance figure (win rate minus 0.5)."""
+    w = cells[cells["kind"] == "win_rate"].copy()
+    w["performance"] = w["estimate"] - 0.5
+    return w
+
+
+def probe_changes(cells: pd.DataFrame, statistic: str = "relative_change") -> pd.DataFrame:
+    c = cells[(cells["kind"] == "probe_change") & (cells["statistic"] == statistic)]
+    return c.copy()
+
+
+def tradeoff(cells: pd.DataFrame) -> pd.DataFrame:
+    """Per (task, model, trained method, probe): performance gain vs misalignment change."""
+    perf = win_rates(cells)
+    perf = perf[perf["pair"].isin(["base-rft", "base-tfb"])]
+    perf = perf.rename(
+        columns={"estimate": "win_rate", "ci_low": "win_low", "ci_high": "win_high"}
+    )[["task", "model", "player_method", "win_rate", "win_low", "win_high", "performance"]]
+    change = probe_changes(cells).rename(
+        columns={"estimate": "change", "ci_low": "change_low", "ci_high": "change_high"}
+    )[
+        [
+            "task",
+            "model",
+            "player_method",
+            "probe_id",
+            "metric",
+            "change",
+            "change_low",
+            "change_high",
+        ]
+    ]
+    both = change.merge(perf, on=["task", "model", "player_method"], how="left")
+    both["rose"] = both["change"] > 0
+    both["rose_surely"] = both["change_low"] > 0
+    return both.rename(columns={"player_method": "method"})
