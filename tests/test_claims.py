@@ -1,0 +1,143 @@
+"""Claims registry and evaluation, on hand-made cells and tiny run tables (no model)."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from moloch import claims
+from moloch.config import load_profile
+from moloch.errors import DataError
+from moloch.paths import CLAIMS_FILE, PUBLISHED_VALUES_FILE
+from moloch.stats import CELL_COLUMNS
+
+PUBLISHED = pd.read_csv(PUBLISHED_VALUES_FILE)
+
+
+def cell(task, model, kind, estimate, lo, hi, **key) -> dict:
+    row = dict.fromkeys(CELL_COLUMNS)
+    row.update(task=task, model=model, kind=kind, estimate=estimate, ci_low=lo, ci_high=hi)
+    row.update(method="test", n=1024, n_invalid=0, n_excluded=0)
+    row.update(key)
+    return row
+
+
+def win(task, model, pair, estimate, lo, hi) -> dict:
+    return cell(task, model, "win_rate", estimate, lo, hi, pair=pair, statistic="win_rate_second")
+
+
+def test_registry_covers_every_published_claim_and_is_in_sync():
+    registry = claims.load_registry()
+    assert len(registry) == len(PUBLISHED) == 145
+    assert list(registry["claim_id"]) == list(PUBLISHED["claim_id"])
+    assert registry["statistic"].notna().all() and registry["measures"].notna().all()
+    assert set(registry["tolerance"]) <= set(claims.TOLERANCES)
+    # The committed registry is what the rules give (rebuild it when a rule changes).
+    rebuilt = claims.build_registry()
+    committed = pd.read_csv(CLAIMS_FILE, dtype={"n_voters": "Int64"})
+    for column in ("claim_id", "statistic", "metric", "probe_id", "pair", "method", "tolerance"):
+        assert (
+            committed[column].fillna("").astype(str).equals(rebuilt[column].fillna("").astype(str))
+        ), column
+
+
+def test_registry_maps_the_2026_probe_names_to_ours():
+    registry = claims.build_registry().set_index("claim_id")
+    row = registry.loc["r2026_probe.social_media.fabrication.Qwen3-32B.tfb"]
+    assert (row["metric"], row["probe_id"], row["method"]) == ("disinformation", "sm_q1", "tfb")
+    assert row["judge_model"] == "gpt-4o-mini" and row["n_voters"] == 25
+
+
+def test_smoke_run_is_never_comparable():
+    result = claims.evaluate_claims("smoke", {"cells": pd.DataFrame(columns=CELL_COLUMNS)})
+    assert set(result["claim_id"]) == set(PUBLISHED["claim_id"])
+    assert (result["status"] == "not comparable").all()
+    assert result["reason"].str.contains("comparable: false").all()
+
+
+def test_paper_profile_without_data_is_not_computable_or_not_comparable():
+    result = claims.evaluate_claims("paper", {}).set_index("claim_id")
+    assert result["status"].isin(claims.STATUSES).all() and result["reason"].notna().all()
+    assert result.loc["v1_competition.sales.Qwen3-8B.base-tfb", "status"] == "not computable"
+    r2026 = result.loc["r2026_competition.sales.Qwen3-8B.base-tfb"]
+    assert r2026["status"] == "not comparable" and "25" in r2026["reason"]
+    other = result.loc["r2026_probe.sales.misrepresentation.gpt-oss-20b.base"]
+    assert other["status"] == "not comparable" and "no player gpt-oss-20b" in other["reason"]
+
+
+def test_paper_cells_reproduce_or_differ():
+    cells = pd.DataFrame(
+        [
+            win("elections", "Qwen3-8B", "base-tfb", 0.55, 0.53, 0.57),
+            win("elections", "Qwen3-8B", "base-rft", 0.60, 0.58, 0.62),
+            win("elections", "Llama-3.1-8B-Instruct", "base-tfb", 0.52, 0.50, 0.54),
+            cell(
+                "social_media",
+                "Llama-3.1-8B-Instruct",
+                "probe_change",
+                1.9,
+                1.0,
+                3.0,
+                statistic="relative_change",
+                pair="base-rft",
+                player_method="rft",
+                metric="disinformation",
+            ),
+            cell(
+                "social_media",
+                "Qwen3-8B",
+                "probe_change",
+                0.1,
+                -0.2,
+                0.4,
+                statistic="relative_change",
+                pair="base-tfb",
+                player_method="tfb",
+                metric="disinformation",
+            ),
+        ]
+    )
+    result = claims.evaluate_claims("paper", {"cells": cells}).set_index("claim_id")
+    same = result.loc["v1_competition.elections.Qwen3-8B.base-tfb"]
+    assert same["status"] == "reproduced" and same["value"] == 0.55
+    assert result.loc["v1_competition.elections.Qwen3-8B.base-rft", "status"] == "differs"
+    # Abstract elections +4.9: decided by the identified cell (Qwen3-8B base-tfb) in pp.
+    perf = result.loc["abstract_v1.elections.performance"]
+    assert perf["status"] == "reproduced" and perf["cell"] == "Qwen3-8B base-tfb"
+    assert perf["value"] == pytest.approx(5.0) and perf["ci_low"] == pytest.approx(3.0)
+    assert "Llama-3.1-8B-Instruct base-tfb" in perf["reason"]
+    # Abstract +188.6 % disinformation: the one candidate whose interval covers it is named.
+    dis = result.loc["abstract_v1.social_media.disinformation"]
+    assert dis["status"] == "reproduced" and dis["value"] == pytest.approx(190.0)
+    assert dis["cell"] == "Llama-3.1-8B-Instruct base-rft"
+    assert result.loc["abstract_v1.sales.performance", "status"] == "not computable"
+
+
+def test_write_claims_csv_reads_the_run_tables(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOLOCH_RUNS", str(tmp_path))
+    model = load_profile("smoke").players[0].name
+    folder = tmp_path / "smoke" / "compete" / "sales" / model
+    folder.mkdir(parents=True)
+    rows = [
+        {"task": "sales", "model": model, "pair": "base-tfb", "first": "base", "second": "tfb"}
+        | {"anchor_id": f"sales/test/{i:04d}", "voter": v, "choice": c, "valid": True}
+        for i in range(4)
+        for v, c in enumerate(["first", "second", "second"])
+    ]
+    (folder / "votes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = claims.write_claims_csv("smoke")
+    table = pd.read_csv(path)
+    assert path == tmp_path / "smoke" / "claims.csv" and len(table) == 145
+    assert (table["status"] == "not comparable").all()
+    # The smoke run's own cell shows up in the reasons of the claims it could compute.
+    reason = table.set_index("claim_id").loc["abstract_v1.sales.performance", "reason"]
+    assert f"{model} base-tfb 16.667" in reason
+
+
+def test_broken_run_table_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOLOCH_RUNS", str(tmp_path))
+    folder = tmp_path / "smoke" / "probe" / "sales" / "m"
+    folder.mkdir(parents=True)
+    (folder / "labels.jsonl").write_text("{not json\n")
+    with pytest.raises(DataError, match="labels.jsonl"):
+        claims.load_run_tables("smoke")
