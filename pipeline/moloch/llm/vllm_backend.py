@@ -1,0 +1,161 @@
+"""Generation on a CUDA GPU with vLLM's offline engine (the paper profile's players).
+
+``VLLMBackend(spec)`` starts one ``vllm.LLM`` engine for ``spec.model`` on first
+use (vLLM is imported only then; this module imports without it). Each request
+is chat-templated with the model's tokenizer (``enable_thinking`` passed on),
+sent as token ids, and sampled with its own seed (:func:`moloch.llm.hf.request_seed`),
+so vLLM's per-request generator makes it independent of the batch. Players'
+LoRA adapters are served per request: each adapter folder gets a stable
+integer id (from its resolved path) in a :class:`LoraRegistry`.
+
+The pure helpers (:func:`sampling_kwargs`, :class:`LoraRegistry`) need no vLLM
+and are unit-tested everywhere; the engine itself only on a GPU machine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..config import ModelSpec
+from ..errors import ModelError
+from .base import ChatRequest, Completion, stable_hash
+from .embedded import EMBEDDED, gguf_sha256, resolve_model
+from .hf import adapter_name, request_seed
+
+MAX_LORA_RANK = 16  # the study's LoRA rank (PROTOCOL §5)
+INSTALL_HINT = "pip install '.[gpu]' (vLLM, on a Linux machine with a CUDA GPU)"
+
+
+def sampling_kwargs(request: ChatRequest, min_tokens: int = 0) -> dict:
+    """The ``vllm.SamplingParams`` arguments of one request (temperature 0: greedy)."""
+    return {
+        "n": 1,
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "max_tokens": request.max_tokens,
+        "min_tokens": min_tokens,
+        "seed": request_seed(request),
+    }
+
+
+class LoraRegistry:
+    """Adapter folder -> (name, integer id) for ``LoRARequest``; same folder, same id.
+
+    Ids come from the folder's resolved path, so they are the same in every
+    process; a clash between two folders (1 in ~10^9) is an error, not a mix-up.
+    """
+
+    def __init__(self):
+        self._by_id: dict[int, str] = {}
+
+    def lookup(self, path: str | Path) -> tuple[str, int, str]:
+        """(name, int id >= 1, resolved path) of an adapter folder."""
+        folder = Path(path).expanduser().resolve()
+        if not (folder / "adapter_config.json").is_file():
+            raise ModelError(
+                f"LoRA adapter {folder} has no adapter_config.json: train it first or fix the path"
+            )
+        lora_id = int(stable_hash(str(folder))[:8], 16) % (2**31 - 1) + 1
+        known = self._by_id.setdefault(lora_id, str(folder))
+        if known != str(folder):
+            raise ModelError(f"LoRA adapters {known} and {folder} got the same id: rename one")
+        return adapter_name(folder), lora_id, str(folder)
+
+
+class VLLMBackend:
+    """Backend over a vLLM offline engine; see the module docstring."""
+
+    name = "vllm"
+
+    def __init__(self, spec: ModelSpec, **engine_kwargs):
+        self.spec = spec
+        self.engine_kwargs = engine_kwargs  # extra vllm.LLM arguments (gpu_memory_utilization...)
+        self.loras = LoraRegistry()
+        self._engine = None
+
+    def identity(self) -> dict:
+        embedded = self.spec.model == EMBEDDED
+        return {
+            "backend": self.name,
+            "model": self.spec.model,
+            "revision": self.spec.revision,
+            "weights_sha256": gguf_sha256() if embedded else self.spec.revision,
+            "dtype": self.engine_kwargs.get("dtype", "auto"),
+        }
+
+    def engine(self):
+        """The vllm.LLM engine, started on first use."""
+        if self._engine is not None:
+            return self._engine
+        try:
+            import vllm
+        except ImportError as err:
+            raise ModelError(
+                f"backend 'vllm' for {self.spec.model!r} needs vLLM, which is not importable "
+                f"({err}); install it with: {INSTALL_HINT}, or choose the transformers backend"
+            ) from err
+        source = resolve_model(self.spec.model)
+        kwargs = {
+            "model": str(source),
+            "revision": None if isinstance(source, Path) else self.spec.revision,
+            "enable_lora": True,
+            "max_lora_rank": MAX_LORA_RANK,
+            "max_loras": 4,
+            "dtype": "auto",
+            **self.engine_kwargs,
+        }
+        try:
+            self._engine = vllm.LLM(**kwargs)
+        except Exception as err:  # vLLM raises many types; all mean "cannot serve this model"
+            raise ModelError(
+                f"vLLM could not start {self.spec.model!r} ({source}): {err}. Check the model "
+                f"id, that a CUDA GPU is visible, and the GPU memory settings."
+            ) from err
+        return self._engine
+
+    def _prompt_ids(self, tokenizer, request: ChatRequest) -> list[int]:
+        extra = {}
+        if request.enable_thinking is not None:
+            extra["enable_thinking"] = request.enable_thinking
+        text = tokenizer.apply_chat_template(
+            request.as_openai_messages(), tokenize=False, add_generation_prompt=True, **extra
+        )
+        # The template already holds the special tokens; do not add a second BOS.
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    def _lora(self, lora_request_cls, path: str):
+        name, lora_id, folder = self.loras.lookup(path)
+        return lora_request_cls(lora_name=name, lora_int_id=lora_id, lora_path=folder)
+
+    def generate(self, requests: Sequence[ChatRequest]) -> list[Completion]:
+        return self.generate_batch(requests)
+
+    def generate_batch(
+        self, requests: Sequence[ChatRequest], min_new_tokens: int | None = None
+    ) -> list[Completion]:
+        """Answer every request in order; ``min_new_tokens`` forbids stopping earlier."""
+        engine = self.engine()  # first: it says what to install when vLLM is missing
+        from vllm import SamplingParams
+        from vllm.lora.request import LoRARequest
+
+        tokenizer = engine.get_tokenizer()
+        prompts = [{"prompt_token_ids": self._prompt_ids(tokenizer, r)} for r in requests]
+        params = [SamplingParams(**sampling_kwargs(r, min_new_tokens or 0)) for r in requests]
+        loras = [self._lora(LoRARequest, r.adapter) if r.adapter else None for r in requests]
+        outputs = engine.generate(prompts, params, lora_request=loras, use_tqdm=False)
+        if len(outputs) != len(requests):
+            raise ModelError(f"vLLM answered {len(outputs)} of {len(requests)} requests")
+        completions = []
+        for out, lora in zip(outputs, loras, strict=True):
+            best = out.outputs[0]
+            completions.append(
+                Completion(
+                    text=best.text,
+                    prompt_tokens=len(out.prompt_token_ids),
+                    completion_tokens=len(best.token_ids),
+                    finish_reason=best.finish_reason or "stop",
+                    meta={"adapter": lora.lora_name if lora else None},
+                )
+            )
+        return completions

@@ -1,0 +1,133 @@
+"""TransformersBackend: the sampler as pure code, then the real embedded model (integration)."""
+
+import pytest
+import torch
+
+from moloch.config import ModelSpec
+from moloch.llm.base import ChatRequest
+from moloch.llm.hf import TransformersBackend, _RowSampler, adapter_name, request_seed
+
+
+def _request(text: str, **kw) -> ChatRequest:
+    kw = {"temperature": 0.7, "max_tokens": 8, "seed": 11, **kw}
+    return ChatRequest.chat("You are a helpful assistant.", text, **kw)
+
+
+# --- pure parts ------------------------------------------------------------------------
+
+
+def test_request_seed_depends_on_seed_sample_and_messages_only():
+    base = _request("hi")
+    assert request_seed(base) == request_seed(_request("hi", temperature=0.1, max_tokens=99))
+    assert request_seed(base) != request_seed(_request("hi", seed=12))
+    assert request_seed(base) != request_seed(_request("hi", sample_index=1))
+    assert request_seed(base) != request_seed(_request("hello"))
+
+
+def test_adapter_name_is_stable_and_identifier_safe(tmp_path):
+    assert adapter_name(tmp_path / "x") == adapter_name(str(tmp_path / "x"))
+    assert adapter_name(tmp_path / "x") != adapter_name(tmp_path / "y")
+    assert adapter_name(tmp_path / "a.b").isidentifier()
+
+
+def _chosen(sampler, scores):
+    out = sampler(None, scores)
+    assert torch.isfinite(out).sum(dim=-1).tolist() == [1] * len(scores)
+    return out.argmax(dim=-1).tolist()
+
+
+def test_sampler_rows_are_independent_of_their_neighbours():
+    torch.manual_seed(0)
+    scores = torch.randn(3, 50)
+    reqs = [_request(t) for t in ("a", "b", "c")]
+    together = [_chosen(s, scores) for s in [_RowSampler(reqs)] * 20]
+    alone = [_chosen(s, scores[1:2]) for s in [_RowSampler(reqs[1:2])] * 20]
+    assert [row[1] for row in together] == [row[0] for row in alone]
+    assert len({row[1] for row in together}) > 1  # it does sample
+
+
+def test_sampler_greedy_and_nucleus():
+    scores = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.5, 0.3, 0.15, 0.05]]))
+    greedy, nucleus = _request("g", temperature=0.0), _request("n", temperature=1.0, top_p=0.7)
+    sampler = _RowSampler([greedy, nucleus])
+    picks = [_chosen(sampler, scores) for _ in range(200)]
+    assert {p[0] for p in picks} == {0}
+    assert {p[1] for p in picks} == {0, 1}  # 0.5 + 0.3 reaches top_p: tokens 2 and 3 are cut
+
+
+def test_sampler_follows_the_distribution():
+    probs = torch.tensor([0.6, 0.3, 0.1])
+    sampler = _RowSampler([_request("d", temperature=1.0)])
+    counts = torch.bincount(
+        torch.tensor([_chosen(sampler, probs.log()[None])[0] for _ in range(3000)]), minlength=3
+    )
+    assert torch.allclose(counts / 3000, probs, atol=0.035)
+
+
+# --- the real embedded model ---------------------------------------------------------
+
+SPEC = ModelSpec(
+    backend="transformers", model="embedded", temperature=0.7, max_tokens=8, batch_size=4
+)
+REQUESTS = [
+    _request("Say hi."),
+    _request("Name a fruit and describe it in one long sentence, please."),
+    _request("What is 2+2?", temperature=0.0),
+]
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return TransformersBackend(SPEC)
+
+
+@pytest.mark.integration
+def test_same_request_same_answer_whatever_the_batch(backend):
+    first = backend.generate(REQUESTS)
+    assert [c.text for c in backend.generate(REQUESTS)] == [c.text for c in first]
+    reordered = backend.generate([REQUESTS[2], REQUESTS[0]])
+    alone = backend.generate([REQUESTS[1]])
+    assert [c.text for c in reordered + alone] == [first[2].text, first[0].text, first[1].text]
+    for c in first:
+        assert c.text.strip() and c.prompt_tokens > 10
+        assert 0 < c.completion_tokens <= 8 and c.finish_reason in ("stop", "length")
+    other_sample = backend.generate([_request("Say hi.", sample_index=1, max_tokens=24)])
+    longer_same = backend.generate([_request("Say hi.", max_tokens=24)])
+    assert other_sample[0].text != longer_same[0].text
+    assert backend.identity()["weights_sha256"] and backend.identity()["dtype"] == "float32"
+
+
+@pytest.mark.integration
+def test_min_new_tokens_forces_length(backend):
+    [c] = backend.generate_batch([_request("Say hi.", max_tokens=12)], min_new_tokens=12)
+    assert c.completion_tokens == 12 and c.finish_reason == "length"
+
+
+@pytest.mark.integration
+def test_lora_adapter_loads_and_is_used(backend, tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from moloch.llm.embedded import embedded_checkpoint
+
+    def save_adapter(folder, init):
+        model = AutoModelForCausalLM.from_pretrained(embedded_checkpoint())
+        config = peft.LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"])
+        config.init_lora_weights = init
+        peft.get_peft_model(model, config).save_pretrained(folder)
+        return str(folder)
+
+    untrained = save_adapter(tmp_path / "untrained", True)  # B = 0: a no-op until trained
+    random = save_adapter(tmp_path / "random", False)  # random B: must change answers
+    base = backend.generate(REQUESTS[:2])
+    with_untrained = backend.generate(
+        [_request(r.messages[1][1], adapter=untrained) for r in REQUESTS[:2]]
+    )
+    with_random = backend.generate(
+        [_request(r.messages[1][1], adapter=random) for r in REQUESTS[:2]]
+    )
+    assert [c.text for c in with_untrained] == [c.text for c in base]
+    assert [c.text for c in with_random] != [c.text for c in base]
+    assert with_random[0].meta["adapter"] == adapter_name(random)
+    # the base model is still served unchanged once adapters are loaded
+    assert [c.text for c in backend.generate(REQUESTS[:2])] == [c.text for c in base]
