@@ -99,9 +99,6 @@ def reproduce(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def bench(session: nox.Session) -> None:
-    """Benchmarks into data/runs/bench/: interval coverage, and runtime where its module exists."""
+    """Benchmarks into data/runs/bench/: interval coverage and CPU runtime; args go to the latter."""
     _run(session, "moloch.bench_coverage")
-    # The runtime benchmark (a separate module) runs too once it is in the package.
-    for module in ("moloch.bench_runtime", "moloch.llm.bench"):
-        if (ROOT / "pipeline" / Path(*module.split("."))).with_suffix(".py").is_file():
-            _run(session, module)
+    _run(session, "moloch.bench_runtime", *session.posargs)
