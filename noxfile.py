@@ -99,6 +99,6 @@ def reproduce(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def bench(session: nox.Session) -> None:
-    """Benchmarks into data/runs/bench/: interval coverage and CPU runtime; args go to the latter."""
+    """Benchmarks into data/runs/bench/: interval coverage, CPU runtime (args go to it)."""
     _run(session, "moloch.bench_coverage")
     _run(session, "moloch.bench_runtime", *session.posargs)
