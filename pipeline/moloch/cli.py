@@ -1,0 +1,78 @@
+"""Command line: run the study's stages, or list them.
+
+    moloch run --profile smoke                       # every stage, every task and model
+    moloch run --profile smoke --until compete       # stop after a stage
+    moloch run --only probe --task sales --force probe
+    moloch stages                                    # the stages, in order
+
+(``python -m moloch.cli ...`` is the same without the console script.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .config import DEFAULT_PROFILE
+from .errors import MolochError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .stages import STAGE_NAMES
+
+    parser = argparse.ArgumentParser(prog="moloch", description="Moloch's Bargain, reproduced.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run (or skip, when up to date) the pipeline's stages")
+    run.add_argument("--profile", default=DEFAULT_PROFILE, help="profile name or YAML path")
+    run.add_argument("--only", action="append", choices=STAGE_NAMES, help="run only this stage")
+    run.add_argument("--until", choices=STAGE_NAMES, help="stop after this stage")
+    run.add_argument(
+        "--force", action="append", default=[], choices=STAGE_NAMES, help="rerun this stage"
+    )
+    run.add_argument("--task", action="append", help="only this task (repeatable)")
+    run.add_argument("--model", action="append", help="only this player (repeatable)")
+    run.add_argument("--run-dir", help="run folder (default data/runs/<profile>, or $MOLOCH_RUNS)")
+    run.add_argument(
+        "--no-notebooks",
+        action="store_true",
+        help="run the stage functions in this process instead of through papermill",
+    )
+    commands.add_parser("stages", help="list the stages in order")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "stages":
+            from .stages import STAGES
+
+            for stage in STAGES:
+                per = f" (per method: {', '.join(stage.methods)})" if stage.methods else ""
+                print(f"{stage.name:10s} {stage.notebook}{per}")
+            return 0
+        if args.only and args.until:
+            raise MolochError("give --only or --until, not both")
+        from .runner import run_pipeline
+
+        reports = run_pipeline(
+            args.profile,
+            only=args.only,
+            until=args.until,
+            force=args.force,
+            tasks=args.task,
+            models=args.model,
+            run_dir=args.run_dir,
+            notebooks=not args.no_notebooks,
+        )
+    except MolochError as err:
+        print(f"moloch: error: {err}", file=sys.stderr)
+        return 2
+    ran = sum(r.status == "ran" for r in reports)
+    print(f"moloch: {ran} unit(s) run, {len(reports) - ran} up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

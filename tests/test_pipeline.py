@@ -1,0 +1,336 @@
+"""The whole pipeline on real anchors: fake models in-process, and the embedded model end to end.
+
+The fake runs replace only the models (scripted FakeBackends behind the real
+call cache) and LoRA training (a stand-in that writes an adapter folder), so
+every stage function, table and manifest is the real one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moloch.llm import get_llm
+from moloch.llm.base import stable_hash
+from moloch.llm.cache import adapter_hash
+from moloch.llm.fake import FakeBackend
+from moloch.runner import llm_cache_path, read_jsonl, read_manifest, run_pipeline
+from moloch.stages import STAGES, get_stage
+from moloch.tasks import PAIRS, PROBE_METRIC
+
+PLAYER = "fakeplayer"
+TEST_ANCHORS, TRAIN_ANCHORS, VOTERS = 3, 2, 3
+
+
+def write_profile(folder: Path, tasks=("sales", "elections"), **player) -> Path:
+    spec = {
+        "name": "fake",
+        "description": "fake models, real data",
+        "seed": 7,
+        "comparable": False,
+        "tasks": list(tasks),
+        "anchors": {"source": "v1", "train": TRAIN_ANCHORS, "test": TEST_ANCHORS},
+        "players": [
+            {"name": PLAYER, "backend": "fake", "model": "fake-player", "temperature": 0.7,
+             "max_tokens": 32, "batch_size": 4, **player}
+        ],
+        "audience": {"backend": "fake", "model": "fake-voter", "voters": VOTERS,
+                     "temperature": 0.1, "max_tokens": 16, "batch_size": 4},
+        "judge": {"backend": "fake", "model": "fake-judge", "temperature": 0.7, "max_tokens": 16},
+        "training": {"mode": "faithful", "learning_rate": 1e-4, "epochs": 1, "batch_size": 2,
+                     "warmup_ratio": 0.0, "bf16": False, "gradient_checkpointing": False,
+                     "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj"]}},
+    }  # fmt: skip
+    path = folder / "fake.yaml"
+    path.write_text(yaml.safe_dump(spec), encoding="utf-8")
+    return path
+
+
+def request_digest(request) -> str:
+    """Like the fake's own, but keyed on the adapter's content, not its path."""
+    adapter = adapter_hash(request.adapter) if request.adapter else None
+    return stable_hash([request.messages, request.seed, request.sample_index, adapter])
+
+
+def player_reply(request) -> str:
+    digest = request_digest(request)
+    tag = re.search(r"your final (\w+) inside", request.messages[-1][1]).group(1)
+    if digest[0] in "01":  # about one in eight forgets the tag
+        return f"<think>plan {digest[:6]}</think>just text {digest[:8]}"
+    return f"<think>plan {digest[:6]}</think><{tag}>message {digest[:10]}</{tag}>"
+
+
+def voter_reply(request) -> str:
+    digest = request_digest(request)
+    if digest[0] in "0123":  # about one in four does not vote A or B
+        return f"<think>as me, {digest[:6]}</think><vote>maybe</vote>"
+    vote = "A" if digest[1] < "8" else "B"
+    return f"<think>as me, {digest[:6]}</think><vote>{vote}</vote>"
+
+
+def judge_reply(request) -> str:
+    digest = request_digest(request)
+    field = re.search(r"your final (\w+) inside", request.messages[0][1]).group(1)
+    answer = "Perhaps" if digest[0] == "0" else ("Yes" if digest[1] < "6" else "No")
+    return f"<think>judging {digest[:6]}</think><{field}>{answer}</{field}>"
+
+
+REPLIES = {"player": player_reply, "audience": voter_reply, "judge": judge_reply}
+
+
+class Crash(RuntimeError):
+    """Stands for a machine dying part-way through a stage."""
+
+
+def fake_factory(crash_role: str | None = None, after: int = 0):
+    """LLMs with scripted fake backends behind the run's real call cache."""
+
+    def factory(ctx, role):
+        backend = FakeBackend(model=f"fake-{role}", responder=REPLIES[role])
+        if role == crash_role:
+            answer = backend.responder
+
+            def responder(request):
+                if backend.calls >= after:
+                    raise Crash(f"{role} died after {after} calls")
+                return answer(request)
+
+            backend.responder = responder
+        return get_llm(ctx.spec(role), cache=llm_cache_path(ctx.run_dir), role=role,
+                       backend=backend)  # fmt: skip
+
+    return factory
+
+
+def fake_train_adapter(profile, player_spec, rows, out_dir, seed) -> dict:
+    """Stand-in for LoRA training: an adapter folder that depends on the training rows."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "adapter_model.json").write_text(
+        json.dumps({"rows": stable_hash(rows), "seed": seed})
+    )
+    return {"steps": 1, "adapter_sha256": stable_hash(rows)}
+
+
+@pytest.fixture(autouse=True)
+def no_real_training(request, monkeypatch):
+    if "integration" not in request.keywords:
+        monkeypatch.setattr("moloch.training.train_adapter", fake_train_adapter)
+
+
+def run(profile: Path, runs: Path, **kwargs):
+    kwargs.setdefault("llm_factory", fake_factory())
+    return run_pipeline(profile, STAGES, run_dir=runs, notebooks=False, log=lambda _: None,
+                        **kwargs)  # fmt: skip
+
+
+def outputs(runs: Path) -> dict[str, bytes]:
+    """Every JSON-lines output of a run folder, by relative path."""
+    return {str(p.relative_to(runs)): p.read_bytes() for p in sorted(runs.rglob("*.jsonl"))}
+
+
+@pytest.fixture
+def profile(tmp_path, mirror_env) -> Path:
+    return write_profile(tmp_path)
+
+
+def test_fake_pipeline_writes_the_contract_tables(profile, tmp_path):
+    runs = tmp_path / "runs"
+    reports = run(profile, runs)
+    units = 2 * (1 + 1 + 1 + 2 + 3 + 1 + 1)  # two tasks; train x2 and generate x3 methods
+    assert [r.status for r in reports] == ["ran"] * units
+
+    for task in ("sales", "elections"):
+        votes = read_jsonl(runs / "compete" / task / PLAYER / "votes.jsonl")
+        assert len(votes) == len(PAIRS) * TEST_ANCHORS * VOTERS
+        assert {(v["pair"], v["first"], v["second"]) for v in votes} == {
+            (f"{a}-{b}", a, b) for a, b in PAIRS
+        }
+        contract = {"task", "model", "pair", "first", "second", "anchor_id", "voter",
+                    "voter_name", "swapped", "letter", "choice", "valid", "invalid_reason",
+                    "thought"}  # fmt: skip
+        assert contract <= set(votes[0])
+        assert {v["anchor_id"] for v in votes} == {f"{task}/test/{i:04d}" for i in range(3)}
+        invalid = [v for v in votes if not v["valid"]]
+        assert invalid and all(v["choice"] is None and v["invalid_reason"] for v in invalid)
+
+        episodes = read_jsonl(runs / "episodes" / task / PLAYER / "votes.jsonl")
+        assert len(episodes) == TRAIN_ANCHORS * VOTERS
+        assert {(v["first"], v["second"]) for v in episodes} == {(0, 1)}
+
+        labels = read_jsonl(runs / "probe" / task / PLAYER / "labels.jsonl")
+        probes = {"sales": ["sales_q1"], "elections": ["elections_q1", "elections_q2"]}[task]
+        assert len(labels) == len(probes) * 3 * TEST_ANCHORS
+        assert {(r["probe_id"], r["metric"]) for r in labels} == {
+            (p, PROBE_METRIC[p]) for p in probes
+        }
+        assert {r["label"] for r in labels if r["valid"]} == {0, 1}
+        assert all(r["label"] is None for r in labels if not r["valid"])
+
+        manifest = read_manifest(runs / "compete" / task / PLAYER)
+        assert manifest["counts"] == {"duels": 9, "votes": 27}
+        assert manifest["invalid"]["votes"]["invalid_votes"] == len(invalid)
+        assert manifest["llm"]["audience"]["requests"] == 27
+        assert set(manifest["fingerprint"]["inputs"]) == {
+            "prepare", "generate/base", "generate/rft", "generate/tfb"
+        }  # fmt: skip
+        assert manifest["packages"]["python"] and manifest["wall_s"] >= 0
+
+    # The trained players' requests carry their adapter, so their messages differ.
+    gens = {
+        m: read_jsonl(runs / "generate" / "sales" / PLAYER / m / "generations.jsonl")
+        for m in ("base", "rft")
+    }
+    assert [g["text"] for g in gens["base"]] != [g["text"] for g in gens["rft"]]
+    assert len(gens["base"]) == TEST_ANCHORS * 2
+
+
+def test_rerun_skips_and_changes_rerun_only_what_they_touch(profile, tmp_path):
+    runs = tmp_path / "runs"
+    run(profile, runs, tasks=["sales"])
+    before = outputs(runs)
+    assert {r.status for r in run(profile, runs, tasks=["sales"])} == {"skipped"}
+
+    # A new judge touches the probes only.
+    spec = yaml.safe_load(profile.read_text())
+    spec["judge"]["temperature"] = 0.5
+    profile.write_text(yaml.safe_dump(spec))
+    ran = [r.stage for r in run(profile, runs, tasks=["sales"]) if r.status == "ran"]
+    assert ran == ["probe"]
+
+    # Forcing a stage whose outputs come back identical leaves the rest skipped.
+    reports = run(profile, runs, tasks=["sales"], force=["episodes"])
+    assert [r.stage for r in reports if r.status == "ran"] == ["episodes"]
+    # The fake judge ignores temperature, so every table is as it was.
+    assert outputs(runs) == before
+    manifest = read_manifest(runs / "probe" / "sales" / PLAYER)
+    assert manifest["params"]["profile"]["judge"]["temperature"] == 0.5
+
+
+def test_interrupted_stage_resumes_to_the_same_result(tmp_path, mirror_env):
+    profile = write_profile(tmp_path, tasks=("sales",))
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    run(profile, whole)
+
+    # Die in the middle of the competition (batches of 4 are committed as they finish).
+    with pytest.raises(Crash):
+        run(profile, broken, llm_factory=fake_factory("audience", after=13))
+    assert read_manifest(broken / "compete" / "sales" / PLAYER) is None
+    assert not (broken / "probe").exists()
+
+    reports = run(profile, broken)
+    assert [r.stage for r in reports if r.status == "ran"] == ["compete", "probe"]
+    assert outputs(broken) == outputs(whole)
+    stats = read_manifest(broken / "compete" / "sales" / PLAYER)["llm"]["audience"]
+    assert stats["hits"] >= 12 and stats["misses"] == stats["requests"] - stats["hits"]
+
+
+def test_missing_input_and_unknown_names_are_clear_errors(profile, tmp_path):
+    from moloch.errors import ProfileError, StageError
+
+    with pytest.raises(StageError, match="has not finished: run it first"):
+        run(profile, tmp_path / "runs", only=["compete"], tasks=["sales"])
+    with pytest.raises(StageError, match="unknown task"):
+        run(profile, tmp_path / "runs", tasks=["cooking"])
+    with pytest.raises(StageError, match="unknown stage 'train2'"):
+        run(profile, tmp_path / "runs", force=["train2"])
+    with pytest.raises(ProfileError, match="no player 'nobody'"):
+        from moloch.stages import context
+
+        context("prepare", str(profile), "sales", "nobody")
+    assert get_stage("train").methods == ("rft", "tfb")
+
+
+def test_no_valid_vote_leaves_the_methods_untrained_and_says_so(tmp_path, mirror_env):
+    profile = write_profile(tmp_path, tasks=("sales",))
+    runs = tmp_path / "runs"
+    REPLIES["audience"] = lambda request: "I like A."  # never a <vote> tag
+    try:
+        run(profile, runs)
+    finally:
+        REPLIES["audience"] = voter_reply
+    for method in ("rft", "tfb"):
+        unit = runs / "train" / "sales" / PLAYER / method
+        assert (
+            "no adapter was trained" in json.loads((unit / "untrained.json").read_text())["reason"]
+        )
+        assert not (unit / "adapter").exists()
+        generated = read_manifest(runs / "generate" / "sales" / PLAYER / method)
+        assert generated["details"]["untrained"] is True and generated["details"]["adapter"] is None
+    base, rft = (
+        read_jsonl(runs / "generate" / "sales" / PLAYER / m / "generations.jsonl")
+        for m in ("base", "rft")
+    )
+    assert [r["text"] for r in base] == [r["text"] for r in rft]  # the base player, both times
+    votes = read_jsonl(runs / "compete" / "sales" / PLAYER / "votes.jsonl")
+    assert not any(v["valid"] for v in votes) and len(votes) == len(PAIRS) * TEST_ANCHORS * VOTERS
+
+
+# --- the real thing ------------------------------------------------------------------------
+
+
+def tiny_profile(folder: Path) -> Path:
+    """The smoke profile cut to one task, 2 anchors, 2 voters, 16 tokens, 1 training step."""
+    smoke = yaml.safe_load((Path(__file__).parents[1] / "pipeline/moloch/profiles/smoke.yaml")
+                           .read_text())  # fmt: skip
+    smoke.update(name="tiny", tasks=["sales"], anchors={"source": "v1", "train": 2, "test": 2})
+    smoke["audience"]["voters"] = 2
+    smoke["training"].update(max_steps=1, batch_size=2)
+    for role in (smoke["players"][0], smoke["audience"], smoke["judge"]):
+        role["max_tokens"] = 16
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(smoke))
+    return path
+
+
+@pytest.mark.integration
+def test_embedded_model_runs_every_stage_through_notebooks(tmp_path, mirror_env, monkeypatch):
+    """Every stage of one task through its notebook, with the real embedded model everywhere."""
+    pytest.importorskip("moloch.llm.hf")
+    path = tiny_profile(tmp_path)
+    monkeypatch.setenv("MOLOCH_RUNS", str(tmp_path / "runs"))
+
+    reports = run_pipeline(path, log=lambda _: None)
+    assert {r.status for r in reports} == {"ran"} and len(reports) == 10
+    runs = tmp_path / "runs" / "tiny"
+    model = "SmolLM2-135M-Instruct"
+    for stage in ("01_prepare", "02_episodes", "03_trainsets", "06_compete", "07_probe"):
+        assert (runs / stage[3:] / "sales" / model / f"{stage}.ipynb").is_file()
+    assert len(read_jsonl(runs / "compete/sales" / model / "votes.jsonl")) == 3 * 2 * 2
+    assert len(read_jsonl(runs / "probe/sales" / model / "labels.jsonl")) == 3 * 2
+    for method in ("rft", "tfb"):  # trained, or (no valid episode vote) explicitly not
+        unit = runs / "train/sales" / model / method
+        assert (unit / "adapter/adapter_model.safetensors").is_file() != (
+            unit / "untrained.json"
+        ).is_file()
+    assert {r.status for r in run_pipeline(path, log=lambda _: None)} == {"skipped"}
+
+
+@pytest.mark.integration
+def test_embedded_player_trains_and_generates_with_its_adapter(tmp_path, mirror_env):
+    """Real players, training and judge in-process; a scripted audience makes duels winnable."""
+    pytest.importorskip("moloch.llm.hf")
+    path = tiny_profile(tmp_path)
+    runs = tmp_path / "runs"
+
+    def factory(ctx, role):
+        if role == "audience":
+            return fake_factory()(ctx, role)
+        return get_llm(ctx.spec(role), cache=llm_cache_path(ctx.run_dir), role=role)
+
+    run_pipeline(path, run_dir=runs, notebooks=False, llm_factory=factory, log=lambda _: None)
+    model = "SmolLM2-135M-Instruct"
+    for method in ("rft", "tfb"):
+        summary = json.loads(
+            (runs / "train/sales" / model / method / "adapter/train_summary.json").read_text()
+        )
+        assert summary["steps"] == 1 and summary["examples"] > 0
+        generated = read_manifest(runs / "generate/sales" / model / method)
+        assert generated["details"]["adapter"].endswith(f"{method}/adapter")
+        assert generated["llm"]["player"]["requests"] == 2 * 2
+    labels = read_jsonl(runs / "probe/sales" / model / "labels.jsonl")
+    assert {r["method"] for r in labels} == {"base", "rft", "tfb"}
