@@ -4,8 +4,16 @@ import pytest
 import torch
 
 from moloch.config import ModelSpec
-from moloch.llm.base import ChatRequest
-from moloch.llm.hf import TransformersBackend, _RowSampler, adapter_name, request_seed
+from moloch.errors import ModelError
+from moloch.llm.base import AnswerFormat, ChatRequest
+from moloch.llm.hf import (
+    TransformersBackend,
+    _Forcer,
+    _RowSampler,
+    adapter_name,
+    request_seed,
+)
+from moloch.llm.parse import parse_thought, parse_vote, parse_yes_no
 
 
 def _request(text: str, **kw) -> ChatRequest:
@@ -131,3 +139,74 @@ def test_lora_adapter_loads_and_is_used(backend, tmp_path):
     assert with_random[0].meta["adapter"] == adapter_name(random)
     # the base model is still served unchanged once adapters are loaded
     assert [c.text for c in backend.generate(REQUESTS[:2])] == [c.text for c in base]
+
+
+class _CharTokenizer:
+    """One token per character: enough to drive the forcer without a model."""
+
+    def __call__(self, text, add_special_tokens=False):
+        class Encoded:
+            input_ids = [ord(c) for c in text]
+
+        return Encoded()
+
+
+def _drive(forcer, proposals, pick=lambda ids: ids[-1]):
+    out = []
+    for proposed in proposals:
+        token = forcer.next(proposed, pick)
+        if token == forcer.eos:
+            break
+        out.append(token)
+    return "".join(map(chr, out))
+
+
+def test_forcer_opens_lets_the_model_write_then_closes_with_an_option():
+    fmt = AnswerFormat.tagged("vote", ("A", "B"))
+    forcer = _Forcer(fmt, _CharTokenizer(), eos=0, max_tokens=60, vocab=128)
+    opening = [ord("-")] * len("<think>")  # proposals made while the opening is forced
+    writes = [ord("x")] * 9 + [0] + [ord("?")] * 40
+    text = _drive(forcer, opening + writes, pick=lambda ids: ord("B"))
+    assert text == "<think>xxxxxxxxx </think>\n<vote>B</vote>"
+    assert parse_vote(text).value == "B" and parse_thought(text).value == "xxxxxxxxx"
+
+
+def test_forcer_keeps_the_model_writing_a_few_tokens():
+    fmt = AnswerFormat.tagged("vote", ("A", "B"))
+    forcer = _Forcer(fmt, _CharTokenizer(), eos=0, max_tokens=40, vocab=128)
+    opening = [ord("-")] * len("<think>")
+    picks = iter([ord("z")] * _Forcer.MIN_THOUGHT + [ord("A")])
+    text = _drive(forcer, opening + [0] * 40, pick=lambda ids: next(picks))
+    assert text == "<think>" + "z" * _Forcer.MIN_THOUGHT + " </think>\n<vote>A</vote>"
+
+
+def test_forcer_closes_when_the_budget_runs_out():
+    fmt = AnswerFormat.tagged("unsafe", ("Yes", "No"))
+    forcer = _Forcer(fmt, _CharTokenizer(), eos=0, max_tokens=60, vocab=128)
+    text = _drive(forcer, [ord("y")] * 100, pick=lambda ids: ord("N"))
+    assert len(text) <= 60 and text.endswith(" </think>\n<unsafe>No</unsafe>")
+    assert parse_yes_no(text, "unsafe").value == 0
+
+
+def test_forcer_refuses_a_budget_too_small():
+    with pytest.raises(ModelError, match="max_tokens=10 is too small"):
+        _Forcer(
+            AnswerFormat.tagged("vote", ("A", "B")),
+            _CharTokenizer(),
+            eos=0,
+            max_tokens=10,
+            vocab=128,
+        )
+
+
+@pytest.mark.integration
+def test_forced_answer_always_parses_and_is_batch_invariant(backend):
+    fmt = AnswerFormat.tagged("vote", ("A", "B"))
+    requests = [
+        _request(f"Choose.\n## A\noption {i}\n\n## B\nanother", max_tokens=24, answer_format=fmt)
+        for i in range(4)
+    ]
+    alone = [backend.generate([r])[0].text for r in requests]
+    together = [c.text for c in backend.generate(requests[::-1])][::-1]
+    assert alone == together
+    assert all(parse_vote(t).ok and parse_thought(t).ok for t in alone)

@@ -14,6 +14,7 @@ import pytest
 from moloch.config import ModelSpec
 from moloch.errors import ModelError
 from moloch.llm import CallCache, ChatRequest, Completion, get_llm
+from moloch.llm.base import AnswerFormat
 from moloch.llm.cache import call_key
 from moloch.llm.openai_backend import OpenAIBackend, public_url
 
@@ -279,3 +280,13 @@ def test_works_inside_a_running_event_loop(server):
         return backend(server).generate([ask("from a kernel")])
 
     assert asyncio.run(notebook_cell())[0].text == "echo: from a kernel"
+
+
+def test_a_forced_answer_format_is_refused_not_ignored():
+    backend = OpenAIBackend(spec(), env={"OPENAI_API_KEY": "sk-test"})
+    fmt = AnswerFormat.tagged("vote", ("A", "B"))
+    request = ChatRequest.chat(None, "hi", temperature=0.1, answer_format=fmt)
+    with pytest.raises(ModelError, match="force_answer: false"):
+        backend.generate([request])
+    plain = ChatRequest.chat(None, "hi", temperature=0.1)
+    assert call_key(backend, request) != call_key(backend, plain)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .anchors import Persona
-from .llm.base import ChatRequest
+from .llm.base import AnswerFormat, ChatRequest
 from .players import derive_seed
 from .prompts import BallotOrder, ballot_order, voter_messages
 
@@ -50,6 +50,9 @@ def ballots(spec, task: str, personas: Sequence[Persona], duels: Sequence[Duel],
                 max_tokens=spec.max_tokens,
                 seed=derive_seed(seed, "vote", task, duel.anchor_id, duel.key, voter),
                 enable_thinking=spec.enable_thinking,
+                answer_format=AnswerFormat.tagged("vote", ("A", "B"))
+                if spec.force_answer
+                else None,
             )
             out.append(Ballot(duel, voter, persona, order, request))
     return out

@@ -48,6 +48,11 @@ class ModelSpec(Strict):
     enable_thinking: bool | None = Field(
         default=None, description="passed to the chat template (Qwen3's thinking mode)"
     )
+    force_answer: bool = Field(
+        default=False,
+        description="voters and judges: force the reply's <think> and answer tags by "
+        "constrained decoding (transformers backend; for tiny models, not the paper)",
+    )
 
 
 class PlayerSpec(ModelSpec):

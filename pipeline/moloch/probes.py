@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from .llm.base import ChatRequest
+from .llm.base import AnswerFormat, ChatRequest
 from .players import derive_seed
 from .prompts import probe_field, probe_messages
 from .tasks import PROBE_METRIC, get_task
@@ -46,6 +46,9 @@ def probe_jobs(
                     max_tokens=spec.max_tokens,
                     seed=derive_seed(seed, "probe", probe_id, method, row["anchor_id"]),
                     enable_thinking=spec.enable_thinking,
+                    answer_format=AnswerFormat.tagged(probe_field(probe_id), ("Yes", "No"))
+                    if spec.force_answer
+                    else None,
                 )
                 columns = {
                     "method": method,

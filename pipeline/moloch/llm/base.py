@@ -13,7 +13,29 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Protocol, runtime_checkable
 
+from ..errors import ModelError
+
 Message = tuple[str, str]  # (role, content)
+
+
+@dataclass(frozen=True)
+class AnswerFormat:
+    """A reply shape enforced by constrained decoding (transformers backend only).
+
+    The reply starts with ``opening``, then the model writes freely until it
+    stops or its budget runs out, then it must end with one of ``options``; the
+    model's own next-token probabilities pick the option. This lets a tiny model
+    that cannot follow the XML instructions still answer (the smoke profile);
+    the paper's models answer freely, as in the original.
+    """
+
+    opening: str
+    options: tuple[str, ...]
+
+    @staticmethod
+    def tagged(tag: str, values: tuple[str, ...]) -> AnswerFormat:
+        """``<think> ... </think>`` then ``<tag>value</tag>`` for one of ``values``."""
+        return AnswerFormat("<think>", tuple(f" </think>\n<{tag}>{v}</{tag}>" for v in values))
 
 
 @dataclass(frozen=True)
@@ -26,6 +48,7 @@ class ChatRequest:
     sample_index: int = 0  # the n-th independent sample for the same messages
     adapter: str | None = None  # path of a LoRA adapter folder, or None for the base model
     enable_thinking: bool | None = None  # chat-template switch (Qwen3)
+    answer_format: AnswerFormat | None = None  # forced reply shape (see AnswerFormat)
 
     @staticmethod
     def chat(system: str | None, user: str, **kwargs) -> ChatRequest:
@@ -65,6 +88,15 @@ class Backend(Protocol):
     def generate(self, requests: Sequence[ChatRequest]) -> list[Completion]:
         """Answer every request, in order. Must not drop any."""
         ...
+
+
+def refuse_answer_format(backend: str, requests: Sequence[ChatRequest]) -> None:
+    """Backends without constrained decoding say so rather than ignore the format."""
+    if any(r.answer_format is not None for r in requests):
+        raise ModelError(
+            f"the {backend} backend cannot force an answer format: set force_answer: false "
+            f"for this role in the profile, or serve it with the transformers backend"
+        )
 
 
 def stable_hash(obj) -> str:

@@ -21,7 +21,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
 
@@ -99,6 +99,7 @@ def key_fields(identity: dict, backend_name: str, request: ChatRequest) -> dict:
         "seed": request.seed,
         "sample_index": request.sample_index,
         "enable_thinking": request.enable_thinking,
+        "answer_format": asdict(request.answer_format) if request.answer_format else None,
     }
 
 

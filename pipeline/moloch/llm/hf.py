@@ -39,7 +39,7 @@ from pathlib import Path
 
 from ..config import ModelSpec
 from ..errors import ModelError
-from .base import ChatRequest, Completion, stable_hash
+from .base import AnswerFormat, ChatRequest, Completion, stable_hash
 from .embedded import EMBEDDED, gguf_sha256, resolve_model
 
 ENV_DTYPE = "MOLOCH_TORCH_DTYPE"
@@ -105,6 +105,55 @@ def _choose_device() -> str:
     return os.environ.get(ENV_DEVICE) or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+class _Forcer:
+    """Drives one row through an AnswerFormat, one token per generation step.
+
+    The opening is forced, then the model writes freely (at least a few tokens)
+    until it stops or its budget runs out, then the closing must be one of the options: wherever the
+    options' tokens differ, the model's own probabilities choose among them.
+    """
+
+    MIN_THOUGHT = 8  # tokens written before the model may stop: a thought is never empty
+
+    def __init__(self, fmt: AnswerFormat, tokenizer, eos: int, max_tokens: int, vocab: int):
+        def encode(text: str) -> list[int]:
+            return tokenizer(text, add_special_tokens=False).input_ids
+
+        self.opening = encode(fmt.opening)
+        self.options = [encode(option) for option in fmt.options]
+        self.budget = max_tokens - len(self.opening) - max(map(len, self.options)) - 1
+        if self.budget < 0:
+            raise ModelError(
+                f"max_tokens={max_tokens} is too small for the forced answer format "
+                f"{fmt.options[0]!r}: raise max_tokens for this role in the profile"
+            )
+        self.eos = eos
+        self.not_eos = [t for t in range(vocab) if t != eos]
+        self.step = 0
+        self.closing: list[int] | None = None
+        self.done = False
+
+    def next(self, proposed: int, pick) -> int:
+        step, self.step = self.step, self.step + 1
+        if self.done:
+            return self.eos
+        if step < len(self.opening):
+            return self.opening[step]
+        if self.closing is None:
+            written = step - len(self.opening)
+            if written < min(self.MIN_THOUGHT, self.budget) and proposed == self.eos:
+                return pick(self.not_eos)
+            if proposed != self.eos and written < self.budget:
+                return proposed
+            self.closing = []
+        k = len(self.closing)
+        allowed = sorted({o[k] for o in self.options if o[:k] == self.closing and len(o) > k})
+        token = allowed[0] if len(allowed) == 1 else pick(allowed)
+        self.closing.append(token)
+        self.done = self.closing in self.options
+        return token
+
+
 class _RowSampler:
     """Logits processor: picks each row's token with that row's own generator.
 
@@ -113,12 +162,13 @@ class _RowSampler:
     before it (e.g. min_new_tokens) are respected.
     """
 
-    def __init__(self, requests: Sequence[ChatRequest]):
+    def __init__(self, requests: Sequence[ChatRequest], forcers: Sequence[_Forcer | None] = ()):
         import torch
 
         self.temperature = torch.tensor([r.temperature for r in requests], dtype=torch.float64)
         self.top_p = torch.tensor([r.top_p for r in requests], dtype=torch.float64)
         self.generators = [torch.Generator().manual_seed(request_seed(r)) for r in requests]
+        self.forcers = list(forcers) or [None] * len(requests)
 
     def __call__(self, input_ids, scores):
         import torch
@@ -131,9 +181,25 @@ class _RowSampler:
             chosen = logits.argmax(dim=-1)
             if len(sampled):
                 chosen[sampled] = self._sample(logits[sampled], sampled)
+        for i, forcer in enumerate(self.forcers):
+            if forcer is not None:
+                chosen[i] = forcer.next(int(chosen[i]), lambda ids, i=i: self._pick(i, logits, ids))
         out = torch.full_like(scores, float("-inf"))
         out.scatter_(1, chosen.to(scores.device)[:, None], 0.0)
         return out
+
+    def _pick(self, row: int, logits, allowed: list[int]) -> int:
+        """One of ``allowed`` tokens, drawn from the row's own distribution over them."""
+        import torch
+
+        restricted = logits[row, allowed]
+        temperature = float(self.temperature[row])
+        if temperature <= 0:
+            return allowed[int(restricted.argmax())]
+        probs = torch.softmax(restricted / temperature, dim=-1)
+        u = torch.rand((), generator=self.generators[row]).item()
+        index = int(torch.searchsorted(probs.cumsum(0), torch.tensor([u * float(probs.sum())])))
+        return allowed[min(index, len(allowed) - 1)]
 
     def _sample(self, logits, rows):
         import torch
@@ -338,12 +404,19 @@ class TransformersBackend:
             eos_token_id=sorted(self._eos),
             pad_token_id=tok.pad_token_id,
         )
+        eos = tok.eos_token_id if tok.eos_token_id is not None else min(self._eos)
+        forcers = [
+            _Forcer(r.answer_format, tok, eos, max_tokens, vocab=len(tok))
+            if r.answer_format
+            else None
+            for r in requests
+        ]
         model, context = self._use_adapter(adapter)
         with torch.inference_mode(), context:
             out = model.generate(
                 **enc,
                 generation_config=config,
-                logits_processor=LogitsProcessorList([_RowSampler(requests)]),
+                logits_processor=LogitsProcessorList([_RowSampler(requests, forcers)]),
             )
         new = out[:, enc.input_ids.shape[1] :].tolist()
         prompt_tokens = enc.attention_mask.sum(dim=1).tolist()

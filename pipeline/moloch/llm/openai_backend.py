@@ -25,7 +25,7 @@ import openai
 
 from ..config import ModelSpec
 from ..errors import ModelError
-from .base import ChatRequest, Completion
+from .base import ChatRequest, Completion, refuse_answer_format
 from .client import PartialBatchError
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,7 @@ class OpenAIBackend:
     def generate(self, requests: Sequence[ChatRequest]) -> list[Completion]:
         if not requests:
             return []
+        refuse_answer_format(self.name, requests)
         if not self._key:
             if urlsplit(self.base_url).hostname == "api.openai.com":
                 raise ModelError(

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..config import ModelSpec
 from ..errors import ModelError
-from .base import ChatRequest, Completion, stable_hash
+from .base import ChatRequest, Completion, refuse_answer_format, stable_hash
 from .embedded import EMBEDDED, gguf_sha256, resolve_model
 from .hf import adapter_name, request_seed
 
@@ -135,6 +135,7 @@ class VLLMBackend:
         self, requests: Sequence[ChatRequest], min_new_tokens: int | None = None
     ) -> list[Completion]:
         """Answer every request in order; ``min_new_tokens`` forbids stopping earlier."""
+        refuse_answer_format(self.name, requests)
         engine = self.engine()  # first: it says what to install when vLLM is missing
         from vllm import SamplingParams
         from vllm.lora.request import LoRARequest
