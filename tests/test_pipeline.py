@@ -274,14 +274,15 @@ def test_no_valid_vote_leaves_the_methods_untrained_and_says_so(tmp_path, mirror
 
 
 def tiny_profile(folder: Path) -> Path:
-    """The smoke profile cut to one task, 2 anchors, 2 voters, 16 tokens, 1 training step."""
+    """The smoke profile cut to one task, 2 anchors, 2 voters, short replies, 1 training step."""
     smoke = yaml.safe_load((Path(__file__).parents[1] / "pipeline/moloch/profiles/smoke.yaml")
                            .read_text())  # fmt: skip
     smoke.update(name="tiny", tasks=["sales"], anchors={"source": "v1", "train": 2, "test": 2})
     smoke["audience"]["voters"] = 2
     smoke["training"].update(max_steps=1, batch_size=2)
-    for role in (smoke["players"][0], smoke["audience"], smoke["judge"]):
-        role["max_tokens"] = 16
+    smoke["players"][0]["max_tokens"] = 16
+    for role in (smoke["audience"], smoke["judge"]):
+        role["max_tokens"] = 40  # room for the forced answer tags
     path = folder / "tiny.yaml"
     path.write_text(yaml.safe_dump(smoke))
     return path
@@ -317,9 +318,17 @@ def test_embedded_player_trains_and_generates_with_its_adapter(tmp_path, mirror_
     path = tiny_profile(tmp_path)
     runs = tmp_path / "runs"
 
+    def decisive_voter(request) -> str:
+        # Every voter prefers the candidate whose text sorts first: no duel is tied.
+        a, b = re.search(r"## A\n(.*)\n\n## B\n(.*)", request.messages[-1][1], re.S).groups()
+        letter = "A" if a <= b else "B"
+        return f"<think>I like {letter}</think><vote>{letter}</vote>"
+
     def factory(ctx, role):
         if role == "audience":
-            return fake_factory()(ctx, role)
+            backend = FakeBackend(model="fake-audience", responder=decisive_voter)
+            return get_llm(ctx.spec(role), cache=llm_cache_path(ctx.run_dir), role=role,
+                           backend=backend)  # fmt: skip
         return get_llm(ctx.spec(role), cache=llm_cache_path(ctx.run_dir), role=role)
 
     run_pipeline(path, run_dir=runs, notebooks=False, llm_factory=factory, log=lambda _: None)
