@@ -93,8 +93,28 @@ def estimate(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def reproduce(session: nox.Session) -> None:
-    """Run every stage of the study (smoke profile): `-- --profile paper`, `--until`, `--only`."""
+    """The whole study, then the report (smoke profile): `-- --profile paper`, `--until`, `--only`.
+
+    A partial run (--only/--until/--task/--model) stops after its stages.
+    """
     _run(session, "moloch.cli", "run", *session.posargs)
+    if any(arg.split("=")[0] in PARTIAL for arg in session.posargs):
+        session.log("partial run: report not rendered (nox -s report renders it)")
+        return
+    profile = _option(session.posargs, "--profile")
+    _run(session, "moloch.report", *(["--profile", profile] if profile else []))
+
+
+PARTIAL = {"--only", "--until", "--task", "--model"}
+
+
+def _option(args: list[str], name: str) -> str | None:
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 @nox.session(venv_backend="none")

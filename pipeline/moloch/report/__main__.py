@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 
+from ..claims import write_claims_csv
 from ..config import DEFAULT_PROFILE
 from ..errors import MolochError, StageError
 from ..paths import ROOT
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                 rerun_stages(args.profile, args.chapter)
             notebooks.execute_chapter(args.profile, args.chapter)
         else:
+            print(f"claims -> {write_claims_csv(args.profile)}")
             done = notebooks.execute_stale(args.profile, force=args.force)
             print(f"executed {len(done)} analysis notebook(s): {', '.join(done) or 'none stale'}")
         notebooks.stage(args.profile)
