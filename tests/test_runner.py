@@ -133,7 +133,8 @@ def test_manifest_records_what_a_unit_did(profile, tmp_path):
                                                 "max_concurrency": 8, "revision": None,
                                                 "base_url_env": "OPENAI_BASE_URL",
                                                 "api_key_env": "OPENAI_API_KEY",
-                                                "enable_thinking": None}}  # fmt: skip
+                                                "enable_thinking": None,
+                                                "force_answer": False}}  # fmt: skip
     assert manifest["profile_digest"] and manifest["seed"] == 1
     assert "pipeline/moloch/runner.py" in manifest["code"]["files"]
     assert manifest["packages"]["numpy"] and manifest["counts"] == {"rows": 1}

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from .config import Profile, load_profile
 from .errors import StageError
+from .hashing import file_sha256, text_sha256
 from .paths import MATERIALS_FILE, NOTEBOOKS_DIR, PACKAGE_DIR, ROOT
 from .paths import run_dir as default_run_dir
 
@@ -79,18 +80,6 @@ def read_jsonl(path: Path) -> list[dict]:
                         f"writes it with --force"
                     ) from None
     return rows
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def text_sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 # --- stages and their context -------------------------------------------------------

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from .config import PlayerSpec, Profile, load_profile
 from .errors import DataError, ModelError
+from .hashing import file_sha256
 from .llm.base import stable_hash
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -80,14 +81,6 @@ def render_rows(tokenizer, rows: Sequence[dict], enable_thinking: bool | None) -
 # --- outputs -------------------------------------------------------------------
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def adapter_hash(folder: Path) -> tuple[str, dict[str, str]]:
     """SHA-256 over the adapter files (name and bytes, in a fixed order), and per file."""
     per_file = {}
@@ -96,7 +89,7 @@ def adapter_hash(folder: Path) -> tuple[str, dict[str, str]]:
         path = folder / name
         if not path.is_file():
             raise ModelError(f"adapter folder {folder} has no {name}: train it again")
-        per_file[name] = _sha256_file(path)
+        per_file[name] = file_sha256(path)
         digest.update(f"{name}\0{per_file[name]}\n".encode())
     return digest.hexdigest(), per_file
 

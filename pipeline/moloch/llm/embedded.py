@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -23,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import ModelError
+from ..hashing import file_sha256
 from ..paths import cache_dir
 
 EMBEDDED = "embedded"  # the value of ModelSpec.model that selects this model
@@ -53,17 +53,9 @@ def gguf_path() -> Path:
 
 
 @functools.cache
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def gguf_sha256() -> str:
     """SHA-256 of the GGUF file (computed once per process)."""
-    return _sha256_of(gguf_path())
+    return file_sha256(gguf_path())
 
 
 def checkpoint_dir() -> Path:
