@@ -74,9 +74,9 @@ def _choose_threads() -> int:
                 return max(1, int(value))
             except ValueError:
                 raise ModelError(f"{env}={value!r} is not a whole number of threads") from None
-    cores = len(os.sched_getaffinity(0))
-    busy = os.getloadavg()[0]
-    return max(1, min(cores, round(cores - busy)))
+    # Every core this process may use. (Sizing by the load average undercounts:
+    # the load includes this run's own previous stage, and halved the speed.)
+    return len(os.sched_getaffinity(0))
 
 
 DTYPES = ("float32", "bfloat16", "float16")
