@@ -23,10 +23,9 @@ prefill by arithmetic. float32 is the default because it keeps answers
 independent of the batch (checked in tests); ``MOLOCH_TORCH_DTYPE=bfloat16``
 is about 1.6x faster to decode and 2.8x faster to prefill where the CPU has
 native bf16, but its rounding makes answers depend on the batch composition.
-The dtype is part of ``identity()`` since it changes the answers. OpenMP
-threads that outnumber the free cores slow generation down several times, so
-the thread count follows the free cores at load time (``MOLOCH_TORCH_THREADS``
-fixes it). Prompts are sorted by length before batching to limit padding, and
+The dtype is part of ``identity()`` since it changes the answers. Torch uses
+every core this process may run on; on a machine shared with other busy
+processes, fewer threads are faster (``MOLOCH_TORCH_THREADS`` sets them). Prompts are sorted by length before batching to limit padding, and
 the KV cache is preallocated.
 """
 
