@@ -229,6 +229,28 @@ def test_interrupted_stage_resumes_to_the_same_result(tmp_path, mirror_env):
     assert stats["hits"] >= 12 and stats["misses"] == stats["requests"] - stats["hits"]
 
 
+def test_replay_rebuilds_every_output_with_the_models_switched_off(profile, tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    run(profile, runs, tasks=["sales"])
+    before = outputs(runs)
+
+    def switched_off(ctx, role):
+        def refuse(request):
+            raise AssertionError(f"replay called the {role} model")
+
+        backend = FakeBackend(model=f"fake-{role}", responder=refuse)
+        return get_llm(ctx.spec(role), cache=llm_cache_path(ctx.run_dir), role=role,
+                       backend=backend)  # fmt: skip
+
+    monkeypatch.setenv("MOLOCH_LLM_MODE", "replay")
+    for path in runs.rglob("*.jsonl"):
+        path.unlink()
+    reports = run(profile, runs, tasks=["sales"], force=[s.name for s in STAGES],
+                  llm_factory=switched_off)  # fmt: skip
+    assert {r.status for r in reports} == {"ran"}
+    assert outputs(runs) == before
+
+
 def test_missing_input_and_unknown_names_are_clear_errors(profile, tmp_path):
     from moloch.errors import ProfileError, StageError
 
