@@ -25,8 +25,9 @@ is about 1.6x faster to decode and 2.8x faster to prefill where the CPU has
 native bf16, but its rounding makes answers depend on the batch composition.
 The dtype is part of ``identity()`` since it changes the answers. Torch uses
 every core this process may run on; on a machine shared with other busy
-processes, fewer threads are faster (``MOLOCH_TORCH_THREADS`` sets them). Prompts are sorted by length before batching to limit padding, and
-the KV cache is preallocated.
+processes, fewer threads are faster (``MOLOCH_TORCH_THREADS`` sets them).
+Prompts are sorted by length before batching to limit padding, and the KV
+cache is preallocated.
 """
 
 from __future__ import annotations
