@@ -295,26 +295,13 @@ def test_no_valid_vote_leaves_the_methods_untrained_and_says_so(tmp_path, mirror
 # --- the real thing ------------------------------------------------------------------------
 
 
-def tiny_profile(folder: Path) -> Path:
-    """The smoke profile cut to one task, 2 anchors, 2 voters, short replies, 1 training step."""
-    smoke = yaml.safe_load((Path(__file__).parents[1] / "pipeline/moloch/profiles/smoke.yaml")
-                           .read_text())  # fmt: skip
-    smoke.update(name="tiny", tasks=["sales"], anchors={"source": "v1", "train": 2, "test": 2})
-    smoke["audience"]["voters"] = 2
-    smoke["training"].update(max_steps=1, batch_size=2)
-    smoke["players"][0]["max_tokens"] = 16
-    for role in (smoke["audience"], smoke["judge"]):
-        role["max_tokens"] = 40  # room for the forced answer tags
-    path = folder / "tiny.yaml"
-    path.write_text(yaml.safe_dump(smoke))
-    return path
-
-
 @pytest.mark.integration
-def test_embedded_model_runs_every_stage_through_notebooks(tmp_path, mirror_env, monkeypatch):
+def test_embedded_model_runs_every_stage_through_notebooks(
+    tmp_path, mirror_env, monkeypatch, tiny_profile
+):
     """Every stage of one task through its notebook, with the real embedded model everywhere."""
     pytest.importorskip("moloch.llm.hf")
-    path = tiny_profile(tmp_path)
+    path = tiny_profile()
     monkeypatch.setenv("MOLOCH_RUNS", str(tmp_path / "runs"))
 
     reports = run_pipeline(path, log=lambda _: None)
@@ -334,10 +321,10 @@ def test_embedded_model_runs_every_stage_through_notebooks(tmp_path, mirror_env,
 
 
 @pytest.mark.integration
-def test_embedded_player_trains_and_generates_with_its_adapter(tmp_path, mirror_env):
+def test_embedded_player_trains_and_generates_with_its_adapter(tmp_path, mirror_env, tiny_profile):
     """Real players, training and judge in-process; a scripted audience makes duels winnable."""
     pytest.importorskip("moloch.llm.hf")
-    path = tiny_profile(tmp_path)
+    path = tiny_profile()
     runs = tmp_path / "runs"
 
     def decisive_voter(request) -> str:

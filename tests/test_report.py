@@ -12,11 +12,12 @@ import shutil
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from moloch.errors import DataError, StageError
+from moloch.errors import DataError, ProfileError, StageError
 from moloch.paths import ROOT
 from moloch.report import notebooks
 from moloch.report.book import load_book
@@ -297,8 +298,10 @@ def test_analysis_notebooks_are_parametrised():
 def test_stage_names_the_missing_executed_notebooks(tmp_path, monkeypatch):
     monkeypatch.setenv("MOLOCH_RUNS", str(tmp_path))
     with pytest.raises(StageError, match="no executed notebook for chapter"):
-        notebooks.stage("nowhere", staged=tmp_path / "_analysis")
+        notebooks.stage("smoke", staged=tmp_path / "_analysis")
     with pytest.raises(StageError, match="no run at"):
+        notebooks.execute_chapter("smoke", "index")
+    with pytest.raises(ProfileError, match="unknown profile 'nowhere'"):
         notebooks.execute_chapter("nowhere", "index")
 
 
@@ -359,3 +362,36 @@ def test_task_notebook_executes_on_a_run_and_its_chapter_renders(tmp_path, monke
     assert "duels" in page and "sales_q1" in page
     assert len(result.figures) == 2  # win rates and probe rates
     check_book(root / "_book", result.pdf, ["base-rft", "base-tfb", "rft-tfb"])
+
+
+@pytest.mark.integration
+def test_report_of_a_real_tiny_run_renders_and_passes_its_checks(
+    tmp_path, mirror_env, monkeypatch, tiny_profile
+):
+    """All three tasks with the embedded model everywhere, then the whole book from that run."""
+    pytest.importorskip("moloch.llm.hf")
+    from moloch.report.__main__ import build
+    from moloch.runner import run_pipeline
+
+    monkeypatch.setenv("MOLOCH_RUNS", str(tmp_path / "runs"))
+    profile = str(tiny_profile(tasks=("sales", "elections", "social_media")))
+    run_pipeline(profile, notebooks=False, log=lambda _: None)
+    root = tmp_path / "book"
+    root.mkdir()
+    for part in ("_quarto.yml", "index.qmd", "chapters"):
+        (shutil.copytree if (ROOT / part).is_dir() else shutil.copy)(ROOT / part, root / part)
+
+    out = build(profile, root=root)  # raises if any check of moloch.report.checks fails
+
+    assert out["renderer"] == "offline" or shutil.which("quarto")
+    assert out["executed"] == list(notebooks.CHAPTER_NOTEBOOKS)
+    claims = pd.read_csv(tmp_path / "runs" / "tiny" / "claims.csv")
+    published = pd.read_csv(ROOT / "data" / "reference" / "published-values.csv")
+    assert set(claims.claim_id) == set(published.claim_id)
+    assert claims.status.notna().all() and claims.reason.notna().all()
+    summary = out["html"].read_text()
+    assert all(claim_id in summary for claim_id in published.claim_id)
+    assert out["pdf"].stat().st_size > 0
+    for page in (root / "_book").glob("*.html"):
+        for src in re.findall(r'<img src="([^"]+)"', page.read_text()):
+            assert (page.parent / src).is_file(), (page.name, src)

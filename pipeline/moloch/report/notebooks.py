@@ -14,6 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
+from ..config import load_profile
 from ..errors import StageError
 from ..paths import PIPELINE_DIR, ROOT, run_dir
 
@@ -53,12 +54,17 @@ def _lookup(chapter: str) -> tuple[Path, dict]:
     return source, extra
 
 
+def profile_run(profile: str) -> Path:
+    """The run folder of a profile given by name or YAML path: ``data/runs/<its name>``."""
+    return run_dir(load_profile(profile).name)
+
+
 def executed_path(profile: str, chapter: str) -> Path:
-    return run_dir(profile) / "report" / f"{chapter}.ipynb"
+    return profile_run(profile) / "report" / f"{chapter}.ipynb"
 
 
 def _newest_manifest(profile: str) -> float:
-    times = [p.stat().st_mtime for p in run_dir(profile).glob("*/**/manifest.json")]
+    times = [p.stat().st_mtime for p in profile_run(profile).glob("*/**/manifest.json")]
     return max(times, default=0.0)
 
 
@@ -78,7 +84,7 @@ def execute_chapter(profile: str, chapter: str) -> Path:
 
     from ..runner import ensure_kernel
 
-    folder = run_dir(profile)
+    folder = profile_run(profile)
     if not folder.is_dir():
         raise StageError(
             f"no run at {folder}: run the study first (`nox -s reproduce -- --profile {profile}`)"
@@ -121,7 +127,7 @@ def stage(profile: str, staged: Path = STAGED_DIR) -> list[Path]:
     missing = [c for c in CHAPTER_NOTEBOOKS if not executed_path(profile, c).is_file()]
     if missing:
         raise StageError(
-            f"the run {run_dir(profile)} has no executed notebook for chapter(s) "
+            f"the run {profile_run(profile)} has no executed notebook for chapter(s) "
             f"{', '.join(missing)}: run `nox -s report -- --profile {profile}` to execute them"
         )
     staged.mkdir(exist_ok=True)
