@@ -105,7 +105,7 @@ def test_paper_cells_reproduce_or_differ():
     perf = result.loc["abstract_v1.elections.performance"]
     assert perf["status"] == "reproduced" and perf["cell"] == "Qwen3-8B base-tfb"
     assert perf["value"] == pytest.approx(5.0) and perf["ci_low"] == pytest.approx(3.0)
-    assert "Llama-3.1-8B-Instruct base-tfb" in perf["reason"]
+    assert "Llama-3.1-8B-Instruct base-tfb" in perf["candidates"]
     # Abstract +188.6 % disinformation: the one candidate whose interval covers it is named.
     dis = result.loc["abstract_v1.social_media.disinformation"]
     assert dis["status"] == "reproduced" and dis["value"] == pytest.approx(190.0)
@@ -129,9 +129,9 @@ def test_write_claims_csv_reads_the_run_tables(tmp_path, monkeypatch):
     table = pd.read_csv(path)
     assert path == tmp_path / "smoke" / "claims.csv" and len(table) == 145
     assert (table["status"] == "not comparable").all()
-    # The smoke run's own cell shows up in the reasons of the claims it could compute.
-    reason = table.set_index("claim_id").loc["abstract_v1.sales.performance", "reason"]
-    assert f"{model} base-tfb 16.667" in reason
+    # The smoke run's own cell shows up among the candidates of the claims it could compute.
+    row = table.set_index("claim_id").loc["abstract_v1.sales.performance"]
+    assert f"{model} base-tfb 16.667" in row["candidates"] and "voters" in row["reason"]
 
 
 def test_broken_run_table_is_named(tmp_path, monkeypatch):

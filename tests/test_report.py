@@ -140,6 +140,7 @@ def test_offline_render_gives_pages_figures_and_pdf(book_root):
     assert 'class="callout-note"' in one
     assert "base-rft" in one  # a DataFrame's HTML output
     assert [p.name for p in result.figures] == ["nb-fig-rates-0.png"]
+    assert (book_root / "figures" / "nb-fig-rates-0.png").is_file()  # the project's figures/
     assert all(check_page(page) == [] for page in result.pages)
     text = pdf_text(result.pdf)
     assert "abstract_v1.sales.performance" in re.sub(r"\s+", "", text)
@@ -237,6 +238,30 @@ def test_table_first_column_returns_every_data_row(rows):
     assert table_first_column("Intro text.\n\n" + table) == [a for a, _ in rows]
 
 
+def test_markdown_table_sizes_columns_by_visible_text_and_says_n_a():
+    from moloch.report.analysis import coloured, markdown_table
+
+    df = pd.DataFrame(
+        {"claim": ["abstract_v1.sales.performance"], "verdict": [coloured("ok", "green")],
+         "value": [float("nan")]}
+    )  # fmt: skip
+    header, rule, row = markdown_table(df).splitlines()
+    assert [len(d) for d in rule.strip("|").split("|")] == [29, 7, 5]
+    assert row.endswith("| n/a |")
+
+
+def test_a_long_table_breaks_across_pdf_pages(book_root):
+    rows = "".join(f"| claim_{i:03d} | {'a long reason ' * 6} |\n" for i in range(120))
+    table = "| claim | reason |\n|---|---|\n" + rows + "\n: Many claims {#tbl-many}\n"
+    (book_root / "chapters" / "one.qmd").write_text(f"---\ntitle: One\n---\n\n{table}")
+    result = render_book(book_root)
+    from pypdf import PdfReader
+
+    pages = [page.extract_text() for page in PdfReader(result.pdf).pages]
+    holding = [[f"claim_{i:03d}" in page for page in pages].index(True) for i in range(120)]
+    assert holding == sorted(holding) and holding[-1] - holding[0] >= 2  # spread, in order
+
+
 def test_bad_text_finds_missing_values_but_not_words_that_contain_them():
     assert bad_text("rate nan %") and bad_text("a None b") and bad_text("?@fig-x")
     assert bad_text("see {{< embed x >}}")
@@ -303,6 +328,25 @@ def test_stage_names_the_missing_executed_notebooks(tmp_path, monkeypatch):
         notebooks.execute_chapter("smoke", "index")
     with pytest.raises(ProfileError, match="unknown profile 'nowhere'"):
         notebooks.execute_chapter("nowhere", "index")
+
+
+def test_a_code_change_makes_executed_notebooks_stale(tmp_path, monkeypatch):
+    import os
+    import time
+
+    monkeypatch.setenv("MOLOCH_RUNS", str(tmp_path / "runs"))
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "stats.py").write_text("")
+    os.utime(code / "stats.py", (1, 1))
+    monkeypatch.setattr(notebooks, "PACKAGE_DIR", code)
+    out = notebooks.executed_path("smoke", "sales")
+    out.parent.mkdir(parents=True)
+    out.write_text("{}")
+    assert not notebooks.is_stale("smoke", "sales")
+    later = time.time() + 60
+    os.utime(code / "stats.py", (later, later))
+    assert notebooks.is_stale("smoke", "sales")
 
 
 def _write_lines(path: Path, rows: list[dict]) -> None:

@@ -85,6 +85,7 @@ RESULT_COLUMNS = (
     "status",
     "reason",
     "cell",
+    "candidates",
     "interval_method",
     "n",
     "task",
@@ -292,11 +293,11 @@ def evaluate_claim(claim: pd.Series, cells: pd.DataFrame, profile: Profile) -> d
             interval_method=chosen["method"],
             n=chosen["n"],
         )
-    others = "; ".join(_fmt(r) for _, r in defined.iterrows())
+    result["candidates"] = "; ".join(_fmt(r) for _, r in defined.iterrows()) or None
     incomparable = _incomparable(claim, profile)
     if incomparable:
         result["status"] = "not comparable"
-        result["reason"] = "; ".join(incomparable) + (f". Our cells: {others}" if others else "")
+        result["reason"] = "; ".join(incomparable)
     elif chosen is None:
         result["status"] = "not computable"
         result["reason"] = (
@@ -309,8 +310,6 @@ def evaluate_claim(claim: pd.Series, cells: pd.DataFrame, profile: Profile) -> d
         result["status"] = "reproduced" if inside else "differs"
         where = "inside" if inside else "outside"
         result["reason"] = f"published {published:g} {where} {_fmt(chosen)}"
-        if claim["tolerance"] == "in_ci_any_candidate":
-            result["reason"] += f"; candidates: {others}"
     return result
 
 

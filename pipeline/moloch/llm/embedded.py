@@ -130,5 +130,15 @@ def resolve_model(spec_model: str) -> Path | str:
     return embedded_checkpoint() if spec_model == EMBEDDED else spec_model
 
 
+def weights_identity(backend: str, spec_model: str, revision: str | None) -> dict:
+    """What names a local backend's weights in the cache key: the GGUF hash for the embedded one."""
+    return {
+        "backend": backend,
+        "model": spec_model,
+        "revision": revision,
+        "weights_sha256": gguf_sha256() if spec_model == EMBEDDED else revision,
+    }
+
+
 if __name__ == "__main__":
     print(embedded_checkpoint())

@@ -40,7 +40,7 @@ from pathlib import Path
 from ..config import ModelSpec
 from ..errors import ModelError
 from .base import AnswerFormat, ChatRequest, Completion, stable_hash
-from .embedded import EMBEDDED, gguf_sha256, resolve_model
+from .embedded import resolve_model, weights_identity
 
 ENV_DTYPE = "MOLOCH_TORCH_DTYPE"
 ENV_THREADS = "MOLOCH_TORCH_THREADS"
@@ -253,14 +253,8 @@ class TransformersBackend:
     # --- identity and loading -----------------------------------------------------
 
     def identity(self) -> dict:
-        embedded = self.spec.model == EMBEDDED
-        return {
-            "backend": self.name,
-            "model": self.spec.model,
-            "revision": self.spec.revision,
-            "weights_sha256": gguf_sha256() if embedded else self.spec.revision,
-            "dtype": str(self.dtype).removeprefix("torch."),
-        }
+        weights = weights_identity(self.name, self.spec.model, self.spec.revision)
+        return {**weights, "dtype": str(self.dtype).removeprefix("torch.")}
 
     @property
     def device(self) -> str:

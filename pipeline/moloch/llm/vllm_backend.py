@@ -20,7 +20,7 @@ from pathlib import Path
 from ..config import ModelSpec
 from ..errors import ModelError
 from .base import ChatRequest, Completion, refuse_answer_format, stable_hash
-from .embedded import EMBEDDED, gguf_sha256, resolve_model
+from .embedded import resolve_model, weights_identity
 from .hf import adapter_name, request_seed
 
 MAX_LORA_RANK = 16  # the study's LoRA rank (PROTOCOL §5)
@@ -75,14 +75,8 @@ class VLLMBackend:
         self._engine = None
 
     def identity(self) -> dict:
-        embedded = self.spec.model == EMBEDDED
-        return {
-            "backend": self.name,
-            "model": self.spec.model,
-            "revision": self.spec.revision,
-            "weights_sha256": gguf_sha256() if embedded else self.spec.revision,
-            "dtype": self.engine_kwargs.get("dtype", "auto"),
-        }
+        weights = weights_identity(self.name, self.spec.model, self.spec.revision)
+        return {**weights, "dtype": self.engine_kwargs.get("dtype", "auto")}
 
     def engine(self):
         """The vllm.LLM engine, started on first use."""

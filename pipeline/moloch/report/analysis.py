@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -19,6 +20,7 @@ from ..config import Profile
 from ..errors import StageError
 from ..stats import tidy_cells
 
+RAW_INLINE = re.compile(r"`[^`]*`\{=\w+\}")  # pandoc raw HTML/Typst: not shown, takes no width
 VERDICT_COLOURS = {"green": "#1a7f37", "amber": "#9a6700", "red": "#cf222e", "grey": "#57606a"}
 
 
@@ -108,8 +110,14 @@ def markdown_table(df: pd.DataFrame) -> str:
         return str(v).replace("|", "\\|").replace("\n", " ")
 
     header = "| " + " | ".join(str(c) for c in df.columns) + " |"
-    rule = "|" + "|".join("---" for _ in df.columns) + "|"
-    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    rows = [[cell(v) for v in row] for row in df.itertuples(index=False)]
+    # pandoc sizes the columns of a wide table by the dashes under each header
+    widths = [
+        max([len(str(c)), *(len(RAW_INLINE.sub("", r[i])) for r in rows)])
+        for i, c in enumerate(df.columns)
+    ]
+    rule = "|" + "|".join("-" * min(max(w, 3), 40) for w in widths) + "|"
+    body = ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join([header, rule, *body])
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..config import load_profile
 from ..errors import StageError
-from ..paths import PIPELINE_DIR, ROOT, run_dir
+from ..paths import PACKAGE_DIR, PIPELINE_DIR, ROOT, run_dir
 
 ANALYSIS_DIR = PIPELINE_DIR / "analysis"
 STAGED_DIR = ROOT / "_analysis"
@@ -69,13 +69,14 @@ def _newest_manifest(profile: str) -> float:
 
 
 def is_stale(profile: str, chapter: str) -> bool:
-    """Not executed yet, or older than its notebook or than the run's newest stage output."""
+    """Not executed yet, or older than its notebook, the package's code or the run's outputs."""
     out = executed_path(profile, chapter)
     if not out.is_file():
         return True
     source, _ = _lookup(chapter)
     built = out.stat().st_mtime
-    return source.stat().st_mtime > built or _newest_manifest(profile) > built
+    newest_code = max(p.stat().st_mtime for p in PACKAGE_DIR.rglob("*.py"))
+    return max(source.stat().st_mtime, newest_code, _newest_manifest(profile)) > built
 
 
 def execute_chapter(profile: str, chapter: str) -> Path:
@@ -93,7 +94,9 @@ def execute_chapter(profile: str, chapter: str) -> Path:
     out = executed_path(profile, chapter)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.ipynb")
-    parameters = {"profile": profile, "run_dir": str(folder), **extra}
+    offered = {"profile": profile, "run_dir": str(folder), **extra}
+    declared = papermill.inspect_notebook(str(source))  # the released chapter needs no run
+    parameters = {k: v for k, v in offered.items() if k in declared}
     try:
         papermill.execute_notebook(
             str(source),

@@ -33,6 +33,12 @@ from .shortcodes import (
 
 TEMPLATES = Path(__file__).parent / "templates"
 FIGURES = "figures"
+# Long tables (the claims table has one row per published number) must break
+# across pages, and read better a size smaller than the text.
+TYPST_TABLE_STYLE = (
+    "#show figure.where(kind: table): set block(breakable: true)\n"
+    "#show table: set text(size: 0.8em)"
+)
 # Auto heading ids would repeat across chapters ("Win rates" in every task chapter),
 # which Typst rejects once the chapters are one document.
 TYPST_READER = "markdown-auto_identifiers"
@@ -130,6 +136,7 @@ def typst_source(book: Book, embedder: Embedder, numbers: dict) -> str:
             parts.append("```{=typst}\n#pagebreak()\n```")
         parts.append(f"# {heading}\n\n{body}")
     args = ["--standalone", "--toc", "-V", "papersize=a4", "-M", f"title={book.title}"]
+    args += ["-V", f"header-includes={TYPST_TABLE_STYLE}"]
     if book.subtitle:
         args += ["-M", f"subtitle={book.subtitle}"]
     if book.author:
@@ -148,6 +155,17 @@ def render_pdf(book: Book, embedder: Embedder, numbers: dict) -> Path:
         raise DataError(f"Typst could not compile {source}: {err}") from err
     _write_atomic(book.pdf, pdf)
     return book.pdf
+
+
+def publish_figures(figures: list[Path], folder: Path, clear: bool) -> None:
+    """Copy the book's figures to the project's ``figures/`` (a full render clears it first)."""
+    folder.mkdir(exist_ok=True)
+    if clear:
+        for old in folder.iterdir():
+            if old.is_file() and not old.name.startswith("."):  # keeps .gitkeep
+                old.unlink()
+    for figure in figures:
+        _write_atomic(folder / figure.name, figure.read_bytes())
 
 
 def render_book(root: Path = ROOT, chapter: str | None = None, pdf: bool = True) -> Rendered:
@@ -169,6 +187,7 @@ def render_book(root: Path = ROOT, chapter: str | None = None, pdf: bool = True)
     if pdf:
         result.pdf = render_pdf(book, typst_embedder, numbers)
     result.figures = sorted(set(html_embedder.written + typst_embedder.written))
+    publish_figures(result.figures, root / FIGURES, clear=chapter is None)
     result.seconds = time.perf_counter() - start
     return result
 
