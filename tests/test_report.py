@@ -246,8 +246,26 @@ def test_markdown_table_sizes_columns_by_visible_text_and_says_n_a():
          "value": [float("nan")]}
     )  # fmt: skip
     header, rule, row = markdown_table(df).splitlines()
-    assert [len(d) for d in rule.strip("|").split("|")] == [29, 7, 5]
+    assert [len(d) for d in rule.strip("|").split("|")] == [30, 8, 6]  # ":" + dashes
     assert row.endswith("| n/a |")
+
+
+def test_claims_table_says_the_run_wide_reason_once():
+    from moloch.config import load_profile
+    from moloch.report.analysis import claims_table
+
+    smoke = load_profile("smoke")
+    verdicts = pd.DataFrame(
+        {"claim_id": ["a.b", "c.d"], "published": [6.3, 0.54], "unit": ["percent", "fraction"],
+         "value": [6.25, float("nan")], "ci_low": [-6.25, float("nan")],
+         "ci_high": [17.5, float("nan")], "status": ["not comparable"] * 2,
+         "reason": ["profile 'smoke' is marked comparable: false; 5 voters, claim's 20",
+                    "profile 'smoke' is marked comparable: false"]}
+    )  # fmt: skip
+    table = claims_table(verdicts, smoke)
+    assert list(table["reason"]) == ["5 voters, claim's 20", "-"]
+    assert list(table["this run"]) == ["6.25 [-6.25, 17.5]", "n/a"]
+    assert list(table["published"]) == ["6.3 percent", "0.54 fraction"]
 
 
 def test_a_long_table_breaks_across_pdf_pages(book_root):

@@ -239,10 +239,13 @@ def _candidates(claim: pd.Series, cells: pd.DataFrame) -> pd.DataFrame:
     return found
 
 
+def run_reason(profile: Profile) -> str | None:
+    """Why no claim is comparable with this run whatever the claim, or None."""
+    return None if profile.comparable else f"profile {profile.name!r} is marked comparable: false"
+
+
 def _incomparable(claim: pd.Series, profile: Profile) -> list[str]:
-    reasons = []
-    if not profile.comparable:
-        reasons.append(f"profile {profile.name!r} is marked comparable: false")
+    reasons = [run_reason(profile)] if run_reason(profile) else []
     players = [p.name for p in profile.players]
     if claim["model"] != "unspecified" and claim["model"] not in players:
         reasons.append(f"the run has no player {claim['model']} (it has {', '.join(players)})")

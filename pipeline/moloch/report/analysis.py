@@ -116,9 +116,43 @@ def markdown_table(df: pd.DataFrame) -> str:
         max([len(str(c)), *(len(RAW_INLINE.sub("", r[i])) for r in rows)])
         for i, c in enumerate(df.columns)
     ]
-    rule = "|" + "|".join("-" * min(max(w, 3), 40) for w in widths) + "|"
+    rule = "|" + "|".join(":" + "-" * min(max(w, 3), 40) for w in widths) + "|"
     body = ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join([header, rule, *body])
+
+
+CLAIM_COLOURS = {"reproduced": "green", "differs": "red", "not computable": "amber"}
+
+
+def claims_table(verdicts: pd.DataFrame, profile: Profile) -> pd.DataFrame:
+    """The summary's claims table: a row per published value, the run-wide reason left out.
+
+    ``verdicts`` is ``moloch.claims.evaluate_claims``'s output; a reason that holds for
+    every claim (``claims.run_reason``) is said once, next to the table, not in each row.
+    """
+    from ..claims import run_reason
+
+    def number(v) -> str:
+        return "n/a" if pd.isna(v) else f"{v:.3g}"
+
+    shared = run_reason(profile)
+    reasons = verdicts["reason"].fillna("")
+    if shared:
+        reasons = reasons.map(lambda r: r.removeprefix(shared).removeprefix("; ") or "-")
+    return pd.DataFrame(
+        {
+            "claim": verdicts["claim_id"],
+            "published": [
+                f"{number(p)} {u}" for p, u in zip(verdicts.published, verdicts.unit, strict=True)
+            ],
+            "this run": [
+                number(v) if pd.isna(lo) else f"{number(v)} [{number(lo)}, {number(hi)}]"
+                for v, lo, hi in zip(verdicts.value, verdicts.ci_low, verdicts.ci_high, strict=True)
+            ],
+            "verdict": [coloured(s, CLAIM_COLOURS.get(s, "grey")) for s in verdicts.status],
+            "reason": reasons,
+        }
+    )
 
 
 def win_rates(cells: pd.DataFrame) -> pd.DataFrame:
