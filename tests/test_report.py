@@ -247,6 +247,8 @@ def test_markdown_table_sizes_columns_by_visible_text_and_says_n_a():
     )  # fmt: skip
     header, rule, row = markdown_table(df).splitlines()
     assert [len(d) for d in rule.strip("|").split("|")] == [30, 8, 6]  # ":" + dashes
+    long = pd.DataFrame({"reason": ["word " * 20], "id": ["x"]})
+    assert markdown_table(long).splitlines()[1] == "|:" + "-" * 30 + "|:---|"
     assert row.endswith("| n/a |")
 
 

@@ -111,12 +111,14 @@ def markdown_table(df: pd.DataFrame) -> str:
 
     header = "| " + " | ".join(str(c) for c in df.columns) + " |"
     rows = [[cell(v) for v in row] for row in df.itertuples(index=False)]
-    # pandoc sizes the columns of a wide table by the dashes under each header
-    widths = [
-        max([len(str(c)), *(len(RAW_INLINE.sub("", r[i])) for r in rows)])
-        for i, c in enumerate(df.columns)
-    ]
-    rule = "|" + "|".join(":" + "-" * min(max(w, 3), 40) for w in widths) + "|"
+    # pandoc sizes the columns of a wide table by the dashes under each header: room for
+    # the longest word (tables are not hyphenated), and up to 30 characters of a long text.
+    widths = []
+    for i, name in enumerate(df.columns):
+        texts = [str(name), *(RAW_INLINE.sub("", r[i]) for r in rows)]
+        word = max(len(w) for t in texts for w in [*t.split(), ""])
+        widths.append(max(word, min(max(len(t) for t in texts), 30), 3))
+    rule = "|" + "|".join(":" + "-" * w for w in widths) + "|"
     body = ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join([header, rule, *body])
 

@@ -37,7 +37,7 @@ FIGURES = "figures"
 # across pages, and read better a size smaller than the text.
 TYPST_TABLE_STYLE = (
     "#show figure.where(kind: table): set block(breakable: true)\n"
-    "#show table: set text(size: 0.8em, hyphenate: false)\n"
+    "#show table: set text(size: 0.75em, hyphenate: false)\n"
     "#show table.cell: set par(justify: false)"
 )
 # Auto heading ids would repeat across chapters ("Win rates" in every task chapter),
