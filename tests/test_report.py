@@ -246,9 +246,9 @@ def test_markdown_table_sizes_columns_by_visible_text_and_says_n_a():
          "value": [float("nan")]}
     )  # fmt: skip
     header, rule, row = markdown_table(df).splitlines()
-    assert [len(d) for d in rule.strip("|").split("|")] == [32, 10, 8]  # ":" + dashes + padding
+    assert [len(d) for d in rule.strip("|").split("|")] == [33, 11, 9]  # ":" + dashes + padding
     long = pd.DataFrame({"reason": ["word " * 20], "id": ["x"]})
-    assert markdown_table(long).splitlines()[1] == "|:" + "-" * 32 + "|:-----|"
+    assert markdown_table(long).splitlines()[1] == "|:" + "-" * 33 + "|:------|"
     assert row.endswith("| n/a |")
 
 

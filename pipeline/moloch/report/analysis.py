@@ -117,7 +117,7 @@ def markdown_table(df: pd.DataFrame) -> str:
     for i, name in enumerate(df.columns):
         texts = [str(name), *(RAW_INLINE.sub("", r[i]) for r in rows)]
         word = max(len(w) for t in texts for w in [*t.split(), ""])
-        widths.append(max(word, min(max(len(t) for t in texts), 30), 3) + 2)  # + padding
+        widths.append(max(word, min(max(len(t) for t in texts), 30), 3) + 3)  # + padding
     rule = "|" + "|".join(":" + "-" * w for w in widths) + "|"
     body = ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join([header, rule, *body])
