@@ -94,6 +94,9 @@ def test_adapter_key_follows_content_not_path(tmp_path):
     assert key[one] != key[other]  # retrained weights do not
     assert key[one] != call_key(backend, request())  # the base model differs from any adapter
     before = adapter_hash(str(one))
+    (one / "train_summary.json").write_text('{"wall_s": 31.6}')  # what a retrain rewrites
+    (one / "README.md").write_text("# Model card")
+    assert adapter_hash(str(one)) == before
     (one / "adapter_model.safetensors").write_bytes(b"retrained in place")
     assert adapter_hash(str(one)) != before
 

@@ -52,8 +52,13 @@ def default_cache_path() -> Path:
     return cache_dir() / CACHE_FILE_NAME
 
 
+# Files of an adapter folder that cannot change an answer: a retrained, identical
+# adapter (new wall time in its summary) keeps its cache entries.
+NOT_WEIGHTS = frozenset({"README.md", "train_summary.json"})
+
+
 def adapter_hash(path: str) -> str:
-    """SHA-256 over every file of a LoRA adapter folder (names and bytes).
+    """SHA-256 over the files of a LoRA adapter folder (names and bytes) but ``NOT_WEIGHTS``.
 
     Memoised on the path and each file's size and modification time, so the
     weights are read once per folder, yet an adapter retrained in place gets
@@ -65,7 +70,7 @@ def adapter_hash(path: str) -> str:
             f"adapter folder {folder} does not exist: train it first (the training stage "
             f"writes it) or fix the adapter path in the request"
         )
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in NOT_WEIGHTS)
     if not files:
         raise ModelError(f"adapter folder {folder} is empty: train the adapter again")
     signature = tuple(
