@@ -101,6 +101,13 @@ def test_adapter_key_follows_content_not_path(tmp_path):
     assert adapter_hash(str(one)) != before
 
 
+def test_the_training_summary_is_not_part_of_the_adapter_key():
+    from moloch.llm.cache import NOT_WEIGHTS
+    from moloch.training import SUMMARY_FILE
+
+    assert SUMMARY_FILE in NOT_WEIGHTS  # the training stage writes it beside the weights
+
+
 def test_missing_adapter_is_a_clear_error(tmp_path):
     with pytest.raises(ModelError, match=r"adapter folder .*nope does not exist"):
         call_key(FakeBackend(), request(adapter=str(tmp_path / "nope")))

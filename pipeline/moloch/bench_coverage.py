@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from . import stats
+from .files import write_atomic
 from .paths import runs_dir
 
 SEED = 20251007
@@ -161,11 +161,7 @@ def run(sims: int = SIMS, resamples: int = RESAMPLES, seed: int = SEED) -> dict:
 
 
 def write(report: dict, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, json.dumps(report, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ from importlib import metadata
 from pathlib import Path
 
 from .config import ModelSpec
+from .files import write_atomic
 from .llm.base import ChatRequest, Completion
 from .paths import run_dir
 
@@ -196,10 +197,7 @@ def main(argv: list[str] | None = None) -> Path:
             result["cache_hits"] = bench_cache_hits(backend)
             print(json.dumps(result["cache_hits"]))
     result["loadavg_end"] = os.getloadavg()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, args.out)
+    write_atomic(args.out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
     return args.out
 

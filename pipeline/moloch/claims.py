@@ -18,7 +18,6 @@ judge differ from the claim's) or is not computable (the run lacks the data).
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import pandas as pd
 
 from .config import Profile, load_profile
 from .errors import DataError
+from .files import write_atomic
 from .paths import CLAIMS_FILE, PUBLISHED_VALUES_FILE, run_dir, stage_dir
 from .released import R2026_METRIC, load_published
 from .stats import tidy_cells
@@ -170,11 +170,7 @@ def build_registry(published: pd.DataFrame | None = None) -> pd.DataFrame:
 
 
 def _write_csv(table: pd.DataFrame, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".csv.tmp")
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, table.to_csv(index=False))
 
 
 def load_registry(path: Path = CLAIMS_FILE) -> pd.DataFrame:

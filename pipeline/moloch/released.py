@@ -21,7 +21,6 @@ Reads ``data/reference/published-values.csv`` and writes tidy tables to
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ from scipy.special import ndtri
 from statsmodels.stats.proportion import confint_proportions_2indep
 
 from .errors import DataError
+from .files import write_atomic
 from .paths import PUBLISHED_VALUES_FILE, runs_dir
 from .stats import DEFAULT_CONFIDENCE, wilson
 
@@ -431,14 +431,9 @@ def analyse(
 def write_tables(tables: dict[str, pd.DataFrame], out_dir: Path) -> list[Path]:
     """Write each table to ``out_dir/<stem>.csv`` atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for stem, table in tables.items():
-        path = out_dir / f"{stem}.csv"
-        tmp = path.with_suffix(".csv.tmp")
-        table.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-        paths.append(path)
-    return paths
+    return [
+        write_atomic(out_dir / f"{stem}.csv", t.to_csv(index=False)) for stem, t in tables.items()
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from .config import Profile, load_profile
 from .errors import StageError
+from .files import write_atomic
 from .hashing import file_sha256, text_sha256
 from .paths import MATERIALS_FILE, NOTEBOOKS_DIR, PACKAGE_DIR, ROOT
 from .paths import run_dir as default_run_dir
@@ -48,20 +49,13 @@ LlmFactory = Callable[["StageContext", str], object]
 # --- atomic files -----------------------------------------------------------------
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_json(path: Path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
     lines = [json.dumps(row, ensure_ascii=False, sort_keys=True) for row in rows]
-    write_text_atomic(path, "".join(line + "\n" for line in lines))
+    write_atomic(path, "".join(line + "\n" for line in lines))
     return len(lines)
 
 

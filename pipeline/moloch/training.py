@@ -29,6 +29,7 @@ from pathlib import Path
 
 from .config import PlayerSpec, Profile, load_profile
 from .errors import DataError, ModelError
+from .files import write_atomic
 from .hashing import file_sha256
 from .llm.base import stable_hash
 
@@ -106,9 +107,7 @@ def load_train_summary(out_dir: str | Path) -> dict | None:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _install(tmp: Path, out_dir: Path) -> None:

@@ -81,7 +81,6 @@ def build(
     start = time.perf_counter()
     if stages and not chapter:
         raise StageError("--stages goes with --chapter NAME")
-    executed = []
     if chapter:
         load_book(root).chapter(chapter)  # fail early on a typo
         if stages:

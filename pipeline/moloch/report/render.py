@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import html
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataError, MolochError
+from ..files import write_atomic
 from ..paths import ROOT
 from .book import Book, Chapter, load_book
 from .shortcodes import (
@@ -51,13 +51,6 @@ class Rendered:
     pdf: Path | None = None
     figures: list[Path] = field(default_factory=list)
     seconds: float = 0.0
-
-
-def _write_atomic(path: Path, data: bytes | str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
 
 
 def check_features(book: Book) -> None:
@@ -120,7 +113,7 @@ def render_page(book: Book, chapter: Chapter, embedder: Embedder, numbers: dict)
         args += ["-V", f"{key}={value}"]
     page = pypandoc.convert_text(text, "html5", format="markdown", extra_args=args)
     out = book.output_dir / chapter.page
-    _write_atomic(out, page)
+    write_atomic(out, page)
     return out
 
 
@@ -149,12 +142,12 @@ def render_pdf(book: Book, embedder: Embedder, numbers: dict) -> Path:
     import typst
 
     source = book.output_dir / f"{book.output_file}.typ"
-    _write_atomic(source, typst_source(book, embedder, numbers))
+    write_atomic(source, typst_source(book, embedder, numbers))
     try:
         pdf = typst.compile(str(source), root=str(book.output_dir))
     except Exception as err:  # typst raises its own TypstError
         raise DataError(f"Typst could not compile {source}: {err}") from err
-    _write_atomic(book.pdf, pdf)
+    write_atomic(book.pdf, pdf)
     return book.pdf
 
 
@@ -166,7 +159,7 @@ def publish_figures(figures: list[Path], folder: Path, clear: bool) -> None:
             if old.is_file() and not old.name.startswith("."):  # keeps .gitkeep
                 old.unlink()
     for figure in figures:
-        _write_atomic(folder / figure.name, figure.read_bytes())
+        write_atomic(folder / figure.name, figure.read_bytes())
 
 
 def render_book(root: Path = ROOT, chapter: str | None = None, pdf: bool = True) -> Rendered:
