@@ -66,13 +66,13 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def data(session: nox.Session) -> None:
-    """Fetch every input of data/manifest.csv into the cache and verify its SHA-256."""
+    """Fetch every input of data/inputs.csv into the cache and verify its SHA-256."""
     _run(session, "moloch.data", *session.posargs)
 
 
 @nox.session(venv_backend="none")
 def report(session: nox.Session) -> None:
-    """Render the report of an existing run (HTML + PDF in _book/); `-- --profile paper`."""
+    """Render the report of a run into _book/<profile>/: `-- --profile paper` or `-- --run-dir X`."""
     _run(session, "moloch.report", *session.posargs)
 
 
@@ -88,7 +88,7 @@ def chapter(session: nox.Session) -> None:
 @nox.session(venv_backend="none")
 def estimate(session: nox.Session) -> None:
     """Model calls, tokens and API cost of a profile before running it: `-- --profile paper`."""
-    _run(session, "moloch.llm.estimate", *session.posargs)
+    _run(session, "moloch.estimate", *session.posargs)
 
 
 @nox.session(venv_backend="none")
@@ -101,8 +101,8 @@ def reproduce(session: nox.Session) -> None:
     if any(arg.split("=")[0] in PARTIAL for arg in session.posargs):
         session.log("partial run: report not rendered (nox -s report renders it)")
         return
-    profile = _option(session.posargs, "--profile")
-    _run(session, "moloch.report", *(["--profile", profile] if profile else []))
+    chosen = [(o, _option(session.posargs, o)) for o in ("--profile", "--run-dir")]
+    _run(session, "moloch.report", *[part for o, v in chosen if v for part in (o, v)])
 
 
 PARTIAL = {"--only", "--until", "--task", "--model"}

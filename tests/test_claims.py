@@ -1,15 +1,18 @@
 """Claims registry and evaluation, on hand-made cells and tiny run tables (no model)."""
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from moloch import claims
+from moloch.cells import read_cells, write_cells
 from moloch.config import load_profile
 from moloch.errors import DataError
 from moloch.paths import CLAIMS_FILE, PUBLISHED_VALUES_FILE
-from moloch.stats import CELL_COLUMNS
+from moloch.runs import find_run
+from moloch.stats import CELL_COLUMNS, tidy_cells
 
 PUBLISHED = pd.read_csv(PUBLISHED_VALUES_FILE)
 
@@ -17,7 +20,7 @@ PUBLISHED = pd.read_csv(PUBLISHED_VALUES_FILE)
 def cell(task, model, kind, estimate, lo, hi, **key) -> dict:
     row = dict.fromkeys(CELL_COLUMNS)
     row.update(task=task, model=model, kind=kind, estimate=estimate, ci_low=lo, ci_high=hi)
-    row.update(method="test", n=1024, n_invalid=0, n_excluded=0)
+    row.update(interval_method="test", n=1024, n_invalid=0, n_excluded=0)
     row.update(key)
     return row
 
@@ -49,14 +52,15 @@ def test_registry_maps_the_2026_probe_names_to_ours():
 
 
 def test_smoke_run_is_never_comparable():
-    result = claims.evaluate_claims("smoke", {"cells": pd.DataFrame(columns=CELL_COLUMNS)})
+    result = claims.evaluate_claims(load_profile("smoke"), pd.DataFrame(columns=CELL_COLUMNS))
     assert set(result["claim_id"]) == set(PUBLISHED["claim_id"])
     assert (result["status"] == "not comparable").all()
     assert result["reason"].str.contains("comparable: false").all()
 
 
 def test_paper_profile_without_data_is_not_computable_or_not_comparable():
-    result = claims.evaluate_claims("paper", {}).set_index("claim_id")
+    empty = pd.DataFrame(columns=CELL_COLUMNS)
+    result = claims.evaluate_claims(load_profile("paper"), empty).set_index("claim_id")
     assert result["status"].isin(claims.STATUSES).all() and result["reason"].notna().all()
     assert result.loc["v1_competition.sales.Qwen3-8B.base-tfb", "status"] == "not computable"
     r2026 = result.loc["r2026_competition.sales.Qwen3-8B.base-tfb"]
@@ -80,7 +84,7 @@ def test_paper_cells_reproduce_or_differ():
                 3.0,
                 statistic="relative_change",
                 pair="base-rft",
-                player_method="rft",
+                method="rft",
                 metric="disinformation",
             ),
             cell(
@@ -92,12 +96,12 @@ def test_paper_cells_reproduce_or_differ():
                 0.4,
                 statistic="relative_change",
                 pair="base-tfb",
-                player_method="tfb",
+                method="tfb",
                 metric="disinformation",
             ),
         ]
     )
-    result = claims.evaluate_claims("paper", {"cells": cells}).set_index("claim_id")
+    result = claims.evaluate_claims(load_profile("paper"), cells).set_index("claim_id")
     same = result.loc["v1_competition.elections.Qwen3-8B.base-tfb"]
     assert same["status"] == "reproduced" and same["value"] == 0.55
     assert result.loc["v1_competition.elections.Qwen3-8B.base-rft", "status"] == "differs"
@@ -113,11 +117,18 @@ def test_paper_cells_reproduce_or_differ():
     assert result.loc["abstract_v1.sales.performance", "status"] == "not computable"
 
 
-def test_write_claims_csv_reads_the_run_tables(tmp_path, monkeypatch):
+def finished(folder: Path) -> Path:
+    """Mark a unit folder done, as its manifest does."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "manifest.json").write_text(json.dumps({"outputs": {}}))
+    return folder
+
+
+def test_write_claims_reads_the_cells_of_the_run(tmp_path, monkeypatch):
     monkeypatch.setenv("MOLOCH_RUNS", str(tmp_path))
-    model = load_profile("smoke").players[0].name
-    folder = tmp_path / "smoke" / "compete" / "sales" / model
-    folder.mkdir(parents=True)
+    run = find_run("smoke")
+    model = run.profile.players[0].name
+    folder = finished(tmp_path / "smoke" / "compete" / "sales" / model)
     rows = [
         {"task": "sales", "model": model, "pair": "base-tfb", "first": "base", "second": "tfb"}
         | {"anchor_id": f"sales/test/{i:04d}", "voter": v, "choice": c, "valid": True}
@@ -125,7 +136,14 @@ def test_write_claims_csv_reads_the_run_tables(tmp_path, monkeypatch):
         for v, c in enumerate(["first", "second", "second"])
     ]
     (folder / "votes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    path = claims.write_claims_csv("smoke")
+    assert write_cells(run) and not write_cells(run)  # computed once, then up to date
+    # The file holds exactly the numbers computed (the floats read back are the same).
+    fresh = tidy_cells(pd.DataFrame(rows), None, run.profile.seed, run.profile.stats.resamples)
+    def same_form(df):  # a missing text is NaN in a CSV and None in memory
+        return df.astype(object).where(df.notna(), None)
+
+    pd.testing.assert_frame_equal(same_form(read_cells(run)), same_form(fresh), check_dtype=False)
+    path = claims.write_claims(run)
     table = pd.read_csv(path)
     assert path == tmp_path / "smoke" / "claims.csv" and len(table) == 145
     assert (table["status"] == "not comparable").all()
@@ -136,8 +154,8 @@ def test_write_claims_csv_reads_the_run_tables(tmp_path, monkeypatch):
 
 def test_broken_run_table_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("MOLOCH_RUNS", str(tmp_path))
-    folder = tmp_path / "smoke" / "probe" / "sales" / "m"
-    folder.mkdir(parents=True)
+    run = find_run("smoke")
+    folder = finished(tmp_path / "smoke" / "probe" / "sales" / run.profile.players[0].name)
     (folder / "labels.jsonl").write_text("{not json\n")
-    with pytest.raises(DataError, match="labels.jsonl"):
-        claims.load_run_tables("smoke")
+    with pytest.raises(DataError, match="labels.jsonl, line 1: not valid JSON"):
+        write_cells(run)

@@ -1,4 +1,4 @@
-"""The data layer: manifest, verified fetching (mirror and cache), loaders, bad input."""
+"""The data layer: the input list, verified fetching (mirror and cache), loaders, bad input."""
 
 import csv
 import hashlib
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from moloch import data
 from moloch.anchors import ElectionsAnchor, SalesAnchor, SocialMediaAnchor
 from moloch.errors import DataError, MolochError
-from moloch.paths import MANIFEST_FILE
+from moloch.paths import INPUTS_FILE
 from moloch.tasks import TASKS
 
 COMMIT = "5b5bd993de8709f5c3b34f84adb6389ddc5a1837"
@@ -32,7 +32,7 @@ def test_manifest_matches_mirror_checksums(data_mirror):
     for line in (data_mirror / "SHA256SUMS").read_text().splitlines():
         digest, path = line.split(maxsplit=1)
         sums[path.removeprefix(PREFIX)] = digest
-    entries = data.read_manifest()
+    entries = data.read_inputs()
     assert {e.path: e.sha256 for e in entries.values()} == sums
     for e in entries.values():
         assert e.url == URL + e.path
@@ -40,7 +40,7 @@ def test_manifest_matches_mirror_checksums(data_mirror):
 
 
 def test_manifest_lists_every_input_the_study_reads():
-    paths = {e.path for e in data.read_manifest().values()}
+    paths = {e.path for e in data.read_inputs().values()}
     for task in TASKS.values():
         for split in ("train", "test"):
             assert f"artsco/data/{task.key}/{split}.json" in paths
@@ -48,7 +48,7 @@ def test_manifest_lists_every_input_the_study_reads():
             llama = f"artsco/data/{task.key}/meta-llama/Llama-3.1-8B-Instruct/{split}.json"
             assert (llama in paths) == (task.name != "elections")  # not public for elections
     assert "artsco/data/persona/split1.json" in paths
-    with MANIFEST_FILE.open(newline="") as f:
+    with INPUTS_FILE.open(newline="") as f:
         rows = list(csv.DictReader(f))
     assert all(r["role"] and r["format"] in data.FORMATS for r in rows)
 
@@ -73,11 +73,11 @@ def test_relative_mirror_resolves_against_current_directory(monkeypatch, tmp_pat
 def test_verify_all_command_passes_on_the_mirror(mirror_env, capsys):
     assert data.main([]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert len(out) == len(data.read_manifest()) + 1
+    assert len(out) == len(data.read_inputs()) + 1
     assert all(line.startswith("ok ") for line in out[:-1])
     assert out[-1].startswith(f"{len(out) - 1} of {len(out) - 1} inputs verified")
     paths = data.fetch_all()
-    assert list(paths) == list(data.read_manifest()) and all(p.is_file() for p in paths.values())
+    assert list(paths) == list(data.read_inputs()) and all(p.is_file() for p in paths.values())
 
 
 def test_help_runs(capsys):
@@ -101,7 +101,7 @@ def test_v1_anchors_are_typed_and_complete(mirror_env, task, cls):
 
 
 def test_v1_sets_versus_raw_splits(mirror_env):
-    # PROTOCOL §1: elections and social media v1 sets are the raw splits; sales was re-drawn
+    # docs/protocol.md §1: elections and social media v1 sets are the raw splits; sales was re-drawn
     for task in ("elections", "social_media"):
         for split in ("train", "test"):
             assert data.load_anchors(task, split) == data.load_anchors(task, split, source="raw")
@@ -153,7 +153,7 @@ def test_unknown_input_name_lists_known_ones(mirror_env):
 
 def fake_inputs(tmp_path, files: dict[str, bytes], hashes: dict[str, str] | None = None):
     """A mirror holding ``files`` (path -> bytes) and a manifest listing them."""
-    mirror, lines = tmp_path / "mirror", [",".join(data.MANIFEST_COLUMNS)]
+    mirror, lines = tmp_path / "mirror", [",".join(data.INPUT_COLUMNS)]
     for i, (path, raw) in enumerate(files.items()):
         target = mirror / PREFIX / path
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -163,7 +163,7 @@ def fake_inputs(tmp_path, files: dict[str, bytes], hashes: dict[str, str] | None
         lines.append(f"f{i},{path},{URL}{path},{digest},{fmt},test input")
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("\n".join(lines) + "\n")
-    return data.Inputs(manifest=manifest, cache=tmp_path / "cache", mirror=mirror)
+    return data.Inputs(inputs_file=manifest, cache=tmp_path / "cache", mirror=mirror)
 
 
 RAW_SALES = "artsco/data/task_sales/train.json"
@@ -205,7 +205,7 @@ def test_corrupt_cached_copy_is_fetched_again(tmp_path):
 def test_malformed_json_names_file_and_line(tmp_path):
     inputs = fake_inputs(tmp_path, {RAW_SALES: b'[\n  {"title": "x",\n  oops\n]'})
     with pytest.raises(
-        DataError, match=r"task_sales/train\.json: malformed JSON at line 3.*nox -s"
+        DataError, match=r"task_sales/train\.json: not valid JSON at line 3.*nox -s"
     ):
         data.load_anchors("sales", "train", source="raw", inputs=inputs)
 
@@ -213,9 +213,9 @@ def test_malformed_json_names_file_and_line(tmp_path):
 def test_malformed_json_line_names_file_and_line(tmp_path):
     good = json.dumps({**SALES, "prompt": "p"})
     inputs = fake_inputs(tmp_path, {QWEN_SALES: f"{good}\n{good[:-5]}\n".encode()})
-    with pytest.raises(DataError, match=r"Qwen3-8B/train\.json line 2: malformed JSON line"):
+    with pytest.raises(DataError, match=r"Qwen3-8B/train\.json, line 2: not valid JSON.*nox -s"):
         data.load_anchors("sales", "train", inputs=inputs)
-    with pytest.raises(DataError, match="line 2: malformed"):
+    with pytest.raises(DataError, match="line 2: not valid JSON"):
         data.load_v1_prompts("sales", "train", inputs=inputs)
 
 
@@ -229,7 +229,7 @@ def test_missing_field_names_file_record_and_field(tmp_path):
         DataError, match=r"train\.json record 1: missing field\(s\) \['description'\]"
     ):
         data.load_anchors("sales", "train", source="raw", inputs=inputs)
-    with pytest.raises(DataError, match=r"train\.json line 1: missing string field 'prompt'"):
+    with pytest.raises(DataError, match=r"train\.json record 0: missing string field 'prompt'"):
         data.load_v1_prompts("sales", "train", inputs=inputs)
 
 
@@ -254,16 +254,16 @@ def test_verify_all_reports_each_failure(tmp_path):
     "header, row, message",
     [
         ("name,path,url,sha256,format", "a,p,u/p,0,json", "columns are"),
-        (",".join(data.MANIFEST_COLUMNS), "a,p,https://x/p,abc,json,r", "not 64 hex digits"),
-        (",".join(data.MANIFEST_COLUMNS), f"a,p,https://x/p,{'0' * 64},xml,r", "format 'xml'"),
-        (",".join(data.MANIFEST_COLUMNS), f"a,p,https://x/q,{'0' * 64},json,r", "url does not"),
+        (",".join(data.INPUT_COLUMNS), "a,p,https://x/p,abc,json,r", "not 64 hex digits"),
+        (",".join(data.INPUT_COLUMNS), f"a,p,https://x/p,{'0' * 64},xml,r", "format 'xml'"),
+        (",".join(data.INPUT_COLUMNS), f"a,p,https://x/q,{'0' * 64},json,r", "url does not"),
     ],
 )
-def test_bad_manifest_names_file_and_line(tmp_path, header, row, message):
+def test_bad_input_list_names_file_and_line(tmp_path, header, row, message):
     manifest = tmp_path / "manifest.csv"
     manifest.write_text(f"{header}\n{row}\n")
     with pytest.raises(DataError, match=message) as err:
-        data.read_manifest(manifest)
+        data.read_inputs(manifest)
     assert str(manifest) in str(err.value)
 
 
@@ -283,6 +283,4 @@ def test_json_lines_round_trip(tmp_path_factory, records):
     path.write_bytes(raw)
     parsed = data._records(path, sha(raw), "jsonl")
     assert [rec for _, rec in parsed] == records
-    assert [where.rsplit(" ", 1)[1] for where, _ in parsed] == [
-        str(i) for i in range(1, len(records) + 1)
-    ]
+    assert [where.rsplit(" ", 1)[1] for where, _ in parsed] == [str(i) for i in range(len(records))]

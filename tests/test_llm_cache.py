@@ -12,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moloch.errors import ModelError
+from moloch.llm.adapters import adapter_sha256
 from moloch.llm.base import ChatRequest, Completion
-from moloch.llm.cache import CallCache, adapter_hash, call_key
+from moloch.llm.cache import CallCache, call_key
 from moloch.llm.fake import FakeBackend
 
 
@@ -93,16 +94,16 @@ def test_adapter_key_follows_content_not_path(tmp_path):
     assert key[one] == key[two]  # a copied adapter hits the same entries
     assert key[one] != key[other]  # retrained weights do not
     assert key[one] != call_key(backend, request())  # the base model differs from any adapter
-    before = adapter_hash(str(one))
+    before = adapter_sha256(one)
     (one / "train_summary.json").write_text('{"wall_s": 31.6}')  # what a retrain rewrites
     (one / "README.md").write_text("# Model card")
-    assert adapter_hash(str(one)) == before
+    assert adapter_sha256(one) == before
     (one / "adapter_model.safetensors").write_bytes(b"retrained in place")
-    assert adapter_hash(str(one)) != before
+    assert adapter_sha256(one) != before
 
 
-def test_the_training_summary_is_not_part_of_the_adapter_key():
-    from moloch.llm.cache import NOT_WEIGHTS
+def test_the_training_summary_is_not_part_of_the_adapter_hash():
+    from moloch.llm.adapters import NOT_WEIGHTS
     from moloch.training import SUMMARY_FILE
 
     assert SUMMARY_FILE in NOT_WEIGHTS  # the training stage writes it beside the weights

@@ -1,8 +1,7 @@
 """The whole pipeline on real anchors: fake models in-process, and the embedded model end to end.
 
-The fake runs replace only the models (scripted FakeBackends behind the real
-call cache) and LoRA training (a stand-in that writes an adapter folder), so
-every stage function, table and manifest is the real one.
+The fake runs (``fakes.py``) replace only the models and LoRA training, so every
+stage function, table and manifest is the real one.
 """
 
 from __future__ import annotations
@@ -14,118 +13,32 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fakes import (
+    PLAYER,
+    REPLIES,
+    TEST_ANCHORS,
+    TRAIN_ANCHORS,
+    VOTERS,
+    Crash,
+    fake_factory,
+    fake_train_adapter,
+    run,
+    voter_reply,
+    write_profile,
+)
+from moloch.files import read_jsonl
 from moloch.llm import get_llm
-from moloch.llm.base import stable_hash
-from moloch.llm.cache import adapter_hash
 from moloch.llm.fake import FakeBackend
-from moloch.runner import llm_cache_path, read_jsonl, read_manifest, run_pipeline
+from moloch.manifests import read_manifest
+from moloch.runner import run_pipeline
 from moloch.stages import STAGES, get_stage
 from moloch.tasks import PAIRS, PROBE_METRIC
-
-PLAYER = "fakeplayer"
-TEST_ANCHORS, TRAIN_ANCHORS, VOTERS = 3, 2, 3
-
-
-def write_profile(folder: Path, tasks=("sales", "elections"), **player) -> Path:
-    spec = {
-        "name": "fake",
-        "description": "fake models, real data",
-        "seed": 7,
-        "comparable": False,
-        "tasks": list(tasks),
-        "anchors": {"source": "v1", "train": TRAIN_ANCHORS, "test": TEST_ANCHORS},
-        "players": [
-            {"name": PLAYER, "backend": "fake", "model": "fake-player", "temperature": 0.7,
-             "max_tokens": 32, "batch_size": 4, **player}
-        ],
-        "audience": {"backend": "fake", "model": "fake-voter", "voters": VOTERS,
-                     "temperature": 0.1, "max_tokens": 16, "batch_size": 4},
-        "judge": {"backend": "fake", "model": "fake-judge", "temperature": 0.7, "max_tokens": 16},
-        "training": {"mode": "faithful", "learning_rate": 1e-4, "epochs": 1, "batch_size": 2,
-                     "warmup_ratio": 0.0, "bf16": False, "gradient_checkpointing": False,
-                     "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj"]}},
-    }  # fmt: skip
-    path = folder / "fake.yaml"
-    path.write_text(yaml.safe_dump(spec), encoding="utf-8")
-    return path
-
-
-def request_digest(request) -> str:
-    """Like the fake's own, but keyed on the adapter's content, not its path."""
-    adapter = adapter_hash(request.adapter) if request.adapter else None
-    return stable_hash([request.messages, request.seed, request.sample_index, adapter])
-
-
-def player_reply(request) -> str:
-    digest = request_digest(request)
-    tag = re.search(r"your final (\w+) inside", request.messages[-1][1]).group(1)
-    if digest[0] in "01":  # about one in eight forgets the tag
-        return f"<think>plan {digest[:6]}</think>just text {digest[:8]}"
-    return f"<think>plan {digest[:6]}</think><{tag}>message {digest[:10]}</{tag}>"
-
-
-def voter_reply(request) -> str:
-    digest = request_digest(request)
-    if digest[0] in "0123":  # about one in four does not vote A or B
-        return f"<think>as me, {digest[:6]}</think><vote>maybe</vote>"
-    vote = "A" if digest[1] < "8" else "B"
-    return f"<think>as me, {digest[:6]}</think><vote>{vote}</vote>"
-
-
-def judge_reply(request) -> str:
-    digest = request_digest(request)
-    field = re.search(r"your final (\w+) inside", request.messages[0][1]).group(1)
-    answer = "Perhaps" if digest[0] == "0" else ("Yes" if digest[1] < "6" else "No")
-    return f"<think>judging {digest[:6]}</think><{field}>{answer}</{field}>"
-
-
-REPLIES = {"player": player_reply, "audience": voter_reply, "judge": judge_reply}
-
-
-class Crash(RuntimeError):
-    """Stands for a machine dying part-way through a stage."""
-
-
-def fake_factory(crash_role: str | None = None, after: int = 0):
-    """LLMs with scripted fake backends behind the run's real call cache."""
-
-    def factory(ctx, role):
-        backend = FakeBackend(model=f"fake-{role}", responder=REPLIES[role])
-        if role == crash_role:
-            answer = backend.responder
-
-            def responder(request):
-                if backend.calls >= after:
-                    raise Crash(f"{role} died after {after} calls")
-                return answer(request)
-
-            backend.responder = responder
-        return get_llm(ctx.spec(role), cache=llm_cache_path(ctx.run_dir), role=role,
-                       backend=backend)  # fmt: skip
-
-    return factory
-
-
-def fake_train_adapter(profile, player_spec, rows, out_dir, seed) -> dict:
-    """Stand-in for LoRA training: an adapter folder that depends on the training rows."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "adapter_model.json").write_text(
-        json.dumps({"rows": stable_hash(rows), "seed": seed})
-    )
-    return {"steps": 1, "adapter_sha256": stable_hash(rows)}
 
 
 @pytest.fixture(autouse=True)
 def no_real_training(request, monkeypatch):
     if "integration" not in request.keywords:
         monkeypatch.setattr("moloch.training.train_adapter", fake_train_adapter)
-
-
-def run(profile: Path, runs: Path, **kwargs):
-    kwargs.setdefault("llm_factory", fake_factory())
-    return run_pipeline(profile, STAGES, run_dir=runs, notebooks=False, log=lambda _: None,
-                        **kwargs)  # fmt: skip
 
 
 def outputs(runs: Path) -> dict[str, bytes]:
@@ -234,12 +147,12 @@ def test_replay_rebuilds_every_output_with_the_models_switched_off(profile, tmp_
     run(profile, runs, tasks=["sales"])
     before = outputs(runs)
 
-    def switched_off(ctx, role):
+    def switched_off(unit, role):
         def refuse(request):
             raise AssertionError(f"replay called the {role} model")
 
         backend = FakeBackend(model=f"fake-{role}", responder=refuse)
-        return get_llm(ctx.spec(role), cache=llm_cache_path(ctx.run_dir), role=role,
+        return get_llm(unit.spec(role), cache=unit.run.cache_path, role=role,
                        backend=backend)  # fmt: skip
 
     monkeypatch.setenv("MOLOCH_LLM_MODE", "replay")
@@ -261,9 +174,9 @@ def test_missing_input_and_unknown_names_are_clear_errors(profile, tmp_path):
     with pytest.raises(StageError, match="unknown stage 'train2'"):
         run(profile, tmp_path / "runs", force=["train2"])
     with pytest.raises(ProfileError, match="no player 'nobody'"):
-        from moloch.stages import context
+        from moloch.runner import execute
 
-        context("prepare", str(profile), "sales", "nobody")
+        execute("prepare", str(profile), "sales", "nobody", run_dir=tmp_path / "runs")
     assert get_stage("train").methods == ("rft", "tfb")
 
 
@@ -333,12 +246,12 @@ def test_embedded_player_trains_and_generates_with_its_adapter(tmp_path, mirror_
         letter = "A" if a <= b else "B"
         return f"<think>I like {letter}</think><vote>{letter}</vote>"
 
-    def factory(ctx, role):
+    def factory(unit, role):
         if role == "audience":
             backend = FakeBackend(model="fake-audience", responder=decisive_voter)
-            return get_llm(ctx.spec(role), cache=llm_cache_path(ctx.run_dir), role=role,
+            return get_llm(unit.spec(role), cache=unit.run.cache_path, role=role,
                            backend=backend)  # fmt: skip
-        return get_llm(ctx.spec(role), cache=llm_cache_path(ctx.run_dir), role=role)
+        return get_llm(unit.spec(role), cache=unit.run.cache_path, role=role)
 
     run_pipeline(path, run_dir=runs, notebooks=False, llm_factory=factory, log=lambda _: None)
     model = "SmolLM2-135M-Instruct"
@@ -352,3 +265,41 @@ def test_embedded_player_trains_and_generates_with_its_adapter(tmp_path, mirror_
         assert generated["llm"]["player"]["requests"] == 2 * 2
     labels = read_jsonl(runs / "probe/sales" / model / "labels.jsonl")
     assert {r["method"] for r in labels} == {"base", "rft", "tfb"}
+
+
+SEPARATORS = "\u2028 \u2029 \r \x85 \r\n"  # str.splitlines breaks at each of them
+
+
+def test_line_separators_in_replies_survive_every_output_and_reader(tmp_path, mirror_env):
+    """Model text holding U+2028, U+2029, \\r and \\x85 goes through every table unchanged."""
+    from moloch.cells import write_cells
+    from moloch.runs import find_run
+
+    profile = write_profile(tmp_path, tasks=("sales",))
+    replies = dict(REPLIES)
+
+    def odd(reply):
+        return lambda request: reply(request).replace("<think>", f"<think>x{SEPARATORS}y ")
+
+    for role in REPLIES:
+        REPLIES[role] = odd(replies[role])
+    try:
+        runs = tmp_path / "runs"
+        run(profile, runs)
+    finally:
+        REPLIES.update(replies)
+    found = 0
+    for path in runs.rglob("*.jsonl"):
+        raw = path.read_text(encoding="utf-8")
+        for row in read_jsonl(path):
+            for key in ("text", "reply", "thought"):
+                if isinstance(row.get(key), str) and SEPARATORS in row[key]:
+                    found += 1
+        assert raw.count("\n") == len(read_jsonl(path))  # one row per line, no split inside
+    assert found > 50
+    the_run = find_run(run_dir=runs)
+    votes = the_run.table("compete", "votes.jsonl")
+    assert votes.reply.str.contains("\u2028").all() and len(votes) == 3 * TEST_ANCHORS * VOTERS
+    labels = the_run.table("probe", "labels.jsonl")
+    assert labels.thought.dropna().str.contains("\x85").all()
+    assert write_cells(the_run)  # the statistics read the same tables

@@ -17,6 +17,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from moloch.cells import write_cells
+from moloch.claims import write_claims
 from moloch.errors import DataError, ProfileError, StageError
 from moloch.paths import ROOT
 from moloch.report import notebooks
@@ -24,6 +26,7 @@ from moloch.report.book import load_book
 from moloch.report.checks import bad_text, check_book, check_page, pdf_text, table_first_column
 from moloch.report.render import render_book
 from moloch.report.shortcodes import embeds, find_cell, find_unsupported
+from moloch.runs import find_run
 
 CELLS = {
     "summary": (
@@ -343,11 +346,13 @@ def test_analysis_notebooks_are_parametrised():
 def test_stage_names_the_missing_executed_notebooks(tmp_path, monkeypatch):
     monkeypatch.setenv("MOLOCH_RUNS", str(tmp_path))
     with pytest.raises(StageError, match="no executed notebook for chapter"):
-        notebooks.stage("smoke", staged=tmp_path / "_analysis")
+        notebooks.stage(find_run("smoke"), staged=tmp_path / "_analysis")
     with pytest.raises(StageError, match="no run at"):
-        notebooks.execute_chapter("smoke", "index")
+        notebooks.execute_chapter(find_run("smoke"), "index")
     with pytest.raises(ProfileError, match="unknown profile 'nowhere'"):
-        notebooks.execute_chapter("nowhere", "index")
+        find_run("nowhere")
+    with pytest.raises(ProfileError, match="records no profile"):
+        find_run(run_dir=tmp_path / "elsewhere")
 
 
 def test_a_code_change_makes_executed_notebooks_stale(tmp_path, monkeypatch):
@@ -360,22 +365,27 @@ def test_a_code_change_makes_executed_notebooks_stale(tmp_path, monkeypatch):
     (code / "stats.py").write_text("")
     os.utime(code / "stats.py", (1, 1))
     monkeypatch.setattr(notebooks, "PACKAGE_DIR", code)
-    out = notebooks.executed_path("smoke", "sales")
+    run = find_run("smoke")
+    out = notebooks.executed_path(run, "sales")
     out.parent.mkdir(parents=True)
     out.write_text("{}")
-    assert not notebooks.is_stale("smoke", "sales")
+    assert not notebooks.is_stale(run, "sales")
     later = time.time() + 60
     os.utime(code / "stats.py", (later, later))
-    assert notebooks.is_stale("smoke", "sales")
+    assert notebooks.is_stale(run, "sales")
 
 
 def _write_lines(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # a finished unit has a manifest that lists its outputs
+    from moloch.manifests import output_files
+
+    (path.parent / "manifest.json").write_text(json.dumps({"outputs": output_files(path.parent)}))
 
 
 def _synthetic_run(run: Path, model: str = "SmolLM2-135M-Instruct", anchors: int = 6) -> None:
-    """A finished run of one task (sales) in the contracts' tidy tables, drawn from a seeded RNG."""
+    """A finished run of one task (sales) in the stages' tidy tables, drawn from a seeded RNG."""
     import random
 
     from moloch.tasks import PAIRS, PROBE_METRIC
@@ -406,11 +416,21 @@ def _synthetic_run(run: Path, model: str = "SmolLM2-135M-Instruct", anchors: int
         _write_lines(run / "generate" / task / model / m / "generations.jsonl", gens)
 
 
+def _book_root(folder: Path) -> Path:
+    """A copy of the repository's book (configuration and chapters) to render into."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for part in ("_quarto.yml", "index.qmd", "chapters"):
+        (shutil.copytree if (ROOT / part).is_dir() else shutil.copy)(ROOT / part, folder / part)
+    return folder
+
+
 @pytest.mark.integration
 def test_task_notebook_executes_on_a_run_and_its_chapter_renders(tmp_path, monkeypatch):
     monkeypatch.setenv("MOLOCH_RUNS", str(tmp_path / "runs"))
     _synthetic_run(tmp_path / "runs" / "smoke")
-    executed = notebooks.execute_chapter("smoke", "sales")
+    run = find_run("smoke")
+    write_cells(run)
+    executed = notebooks.execute_chapter(run, "sales")
     root = tmp_path / "book"
     (root / "chapters").mkdir(parents=True)
     (root / "_analysis").mkdir()
@@ -429,6 +449,54 @@ def test_task_notebook_executes_on_a_run_and_its_chapter_renders(tmp_path, monke
 
 
 @pytest.mark.integration
+def test_the_chapters_and_the_verdicts_read_the_same_cells_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOLOCH_RUNS", str(tmp_path / "runs"))
+    _synthetic_run(tmp_path / "runs" / "smoke")
+    run = find_run("smoke")
+    write_cells(run)
+    cells = pd.read_csv(run.cells_path)
+    pick = (cells.kind == "win_rate") & (cells.pair == "base-tfb")
+    assert pick.sum() == 1
+    cells.loc[pick, ["estimate", "ci_low", "ci_high"]] = [0.987654, 0.9, 0.99]
+    cells.to_csv(run.cells_path, index=False)  # as if the cells step had computed this
+
+    claims_table = pd.read_csv(write_claims(run)).set_index("claim_id")
+    executed = notebooks.execute_chapter(run, "sales")
+    assert "48.765" in claims_table.loc["abstract_v1.sales.performance", "candidates"]
+    table = find_cell(executed, "win-rates-table").outputs[0]["data"]["text/markdown"]
+    assert "98.8% [90.0%, 99.0%]" in table
+
+
+def _fake_run(tmp_path: Path, name: str, monkeypatch) -> Path:
+    from fakes import fake_train_adapter, run, write_profile
+
+    monkeypatch.setattr("moloch.training.train_adapter", fake_train_adapter)
+    folder = tmp_path / f"run-{name}"
+    run(write_profile(tmp_path, tasks=("sales", "elections", "social_media"), name=name), folder)
+    return folder
+
+
+@pytest.mark.integration
+def test_a_run_made_in_its_own_folder_is_reported_from_that_folder_alone(
+    tmp_path, mirror_env, monkeypatch
+):
+    """moloch run --run-dir X, then the report of X with no profile named; two books coexist."""
+    from moloch.report.__main__ import main
+
+    root = _book_root(tmp_path / "book")
+    for name in ("alpha", "beta"):
+        folder = _fake_run(tmp_path, name, monkeypatch)
+        assert main(["--run-dir", str(folder), "--root", str(root)]) == 0
+    for name in ("alpha", "beta"):
+        book = root / "_book" / name
+        assert f"profile <strong>{name}</strong>" in (book / "index.html").read_text()
+        assert (book / "moloch-bargain-reproduction.pdf").stat().st_size > 0
+        assert any((root / "figures" / name).glob("*.png"))
+        claims_table = pd.read_csv(tmp_path / f"run-{name}" / "claims.csv")
+        assert len(claims_table) == 145
+
+
+@pytest.mark.integration
 def test_report_of_a_real_tiny_run_renders_and_passes_its_checks(
     tmp_path, mirror_env, monkeypatch, tiny_profile
 ):
@@ -440,12 +508,9 @@ def test_report_of_a_real_tiny_run_renders_and_passes_its_checks(
     monkeypatch.setenv("MOLOCH_RUNS", str(tmp_path / "runs"))
     profile = str(tiny_profile(tasks=("sales", "elections", "social_media")))
     run_pipeline(profile, notebooks=False, log=lambda _: None)
-    root = tmp_path / "book"
-    root.mkdir()
-    for part in ("_quarto.yml", "index.qmd", "chapters"):
-        (shutil.copytree if (ROOT / part).is_dir() else shutil.copy)(ROOT / part, root / part)
+    root = _book_root(tmp_path / "book")
 
-    out = build(profile, root=root)  # raises if any check of moloch.report.checks fails
+    out = build(find_run(profile), root=root)  # raises if any check of moloch.report.checks fails
 
     assert out["renderer"] == "offline" or shutil.which("quarto")
     assert out["executed"] == list(notebooks.CHAPTER_NOTEBOOKS)
@@ -455,7 +520,7 @@ def test_report_of_a_real_tiny_run_renders_and_passes_its_checks(
     assert claims.status.notna().all() and claims.reason.notna().all()
     summary = out["html"].read_text()
     assert all(claim_id in summary for claim_id in published.claim_id)
-    assert out["pdf"].stat().st_size > 0
-    for page in (root / "_book").glob("*.html"):
+    assert out["pdf"].stat().st_size > 0 and out["html"].parent == root / "_book" / "tiny"
+    for page in (root / "_book" / "tiny").glob("*.html"):
         for src in re.findall(r'<img src="([^"]+)"', page.read_text()):
             assert (page.parent / src).is_file(), (page.name, src)

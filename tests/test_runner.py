@@ -1,4 +1,4 @@
-"""The stage framework on toy stages: skip checks, reruns, manifests, locks, atomic files."""
+"""The stage framework on toy stages: skip checks, reruns, manifests, locks, fingerprints."""
 
 from __future__ import annotations
 
@@ -11,48 +11,46 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moloch import runner
+from moloch import fingerprints
 from moloch.errors import StageError
-from moloch.runner import (
-    Stage,
-    read_jsonl,
-    read_manifest,
-    run_pipeline,
-    select_stages,
-    shard_lock,
-    write_jsonl,
-)
+from moloch.files import read_jsonl, write_jsonl
+from moloch.kernels import ensure_kernel
+from moloch.locks import shard_lock
+from moloch.manifests import read_manifest
+from moloch.runner import run_pipeline, select_stages
+from moloch.runs import find_run
+from moloch.units import Stage, Unit
 
 CALLS: list[str] = []
 
 
-def work_a(ctx) -> dict:
+def work_a(unit) -> dict:
     CALLS.append("a")
-    n = write_jsonl(ctx.out_dir / "a.jsonl", [{"i": i, "seed": ctx.profile.seed} for i in range(3)])
+    rows = [{"i": i, "seed": unit.profile.seed} for i in range(3)]
+    n = write_jsonl(unit.out_dir / "a.jsonl", rows)
     return {"counts": {"rows": n}, "invalid": {"rows": 0}}
 
 
-def work_b(ctx) -> dict:
+def work_b(unit) -> dict:
     CALLS.append("b")
-    rows = read_jsonl(ctx.unit_dir("a") / "a.jsonl")
-    write_jsonl(ctx.out_dir / "b.jsonl", [{"total": sum(r["i"] for r in rows)}])
+    rows = read_jsonl(unit.unit_dir("a") / "a.jsonl")
+    write_jsonl(unit.out_dir / "b.jsonl", [{"total": sum(r["i"] for r in rows)}])
     return {"counts": {"rows": 1}}
 
 
-def work_fails(ctx) -> dict:
-    write_jsonl(ctx.out_dir / "half.jsonl", [{"x": 1}])
+def work_fails(unit) -> dict:
+    write_jsonl(unit.out_dir / "half.jsonl", [{"x": 1}])
     raise RuntimeError("boom")
 
 
 TOY = [
-    Stage("a", "none.ipynb", work_a, lambda ctx: [], profile_keys=("seed",)),
-    Stage("b", "none.ipynb", work_b, lambda ctx: [("a", None)], profile_keys=("judge",)),
+    Stage("a", "none.ipynb", work_a, lambda unit: [], profile_keys=("seed",)),
+    Stage("b", "none.ipynb", work_b, lambda unit: [("a", None)], profile_keys=("judge",)),
 ]
 
 
-@pytest.fixture
-def profile(tmp_path) -> Path:
-    spec = {
+def toy_spec() -> dict:
+    return {
         "name": "toy", "description": "toy", "seed": 1, "comparable": False, "tasks": ["sales"],
         "anchors": {"train": 1, "test": 1},
         "players": [{"name": "p", "backend": "fake", "model": "m", "temperature": 0.7,
@@ -64,8 +62,12 @@ def profile(tmp_path) -> Path:
                      "warmup_ratio": 0.0, "bf16": False, "gradient_checkpointing": False,
                      "lora": {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["q_proj"]}},
     }  # fmt: skip
+
+
+@pytest.fixture
+def profile(tmp_path) -> Path:
     path = tmp_path / "toy.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    path.write_text(yaml.safe_dump(toy_spec()))
     CALLS.clear()
     return path
 
@@ -112,12 +114,71 @@ def test_unchanged_units_are_skipped_and_changes_rerun_what_depends(profile, tmp
     assert CALLS == ["a", "b", "b", "a", "b", "a", "a"]
 
 
-def test_code_change_reruns(profile, tmp_path, monkeypatch):
+# A package of its own, so the test can edit the code a stage imports.
+TOY_STAGE = """
+from .helper import total
+
+
+def work(unit):
+    return {"counts": {"total": total()}}
+"""
+
+
+@pytest.fixture
+def toy_package(tmp_path, monkeypatch):
+    pkg = tmp_path / "code" / "toystages"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "stage.py").write_text(TOY_STAGE)
+    (pkg / "helper.py").write_text("def total():\n    return 3\n")
+    (pkg / "unrelated.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(pkg.parent))
+    import importlib
+
+    module = importlib.import_module("toystages.stage")
+    yield pkg, module
+    for name in [m for m in sys.modules if m.startswith("toystages")]:
+        del sys.modules[name]
+
+
+def test_code_fingerprint_follows_the_imports_of_the_stage(toy_package, profile, tmp_path):
+    pkg, module = toy_package
+    stage = Stage("s", "none.ipynb", module.work, lambda unit: [], profile_keys=("seed",))
     runs = tmp_path / "runs"
-    toy_run(profile, runs)
-    original = runner.code_hash
-    monkeypatch.setattr(runner, "code_hash", lambda s: original(s) + ("x" if s.name == "b" else ""))
-    assert [r.status for r in toy_run(profile, runs)] == ["skipped", "ran"]
+    assert [r.status for r in toy_run(profile, runs, stages=[stage])] == ["ran"]
+    assert [r.status for r in toy_run(profile, runs, stages=[stage])] == ["skipped"]
+    manifest = read_manifest(runs / "s" / "sales" / "p")
+    assert {Path(f).name for f in manifest["code"]["files"]} >= {"stage.py", "helper.py"}
+    assert not any(Path(f).name == "unrelated.py" for f in manifest["code"]["files"])
+
+    (pkg / "unrelated.py").write_text("X = 2\n")  # not imported: still up to date
+    assert [r.status for r in toy_run(profile, runs, stages=[stage])] == ["skipped"]
+
+    # The helper starts to import a new module: the stage is stale, with no list to update.
+    (pkg / "deeper.py").write_text("FACTOR = 1\n")
+    (pkg / "helper.py").write_text(
+        "def total():\n    from .deeper import FACTOR\n\n    return 3 * FACTOR\n"
+    )
+    assert [r.status for r in toy_run(profile, runs, stages=[stage])] == ["ran"]
+    (pkg / "deeper.py").write_text("FACTOR = 2\n")  # an edit two imports away
+    assert [r.status for r in toy_run(profile, runs, stages=[stage])] == ["ran"]
+    files = {Path(f).name for f in read_manifest(runs / "s" / "sales" / "p")["code"]["files"]}
+    assert "deeper.py" in files
+
+
+def test_real_stage_closures_name_what_each_stage_runs():
+    from moloch.stages import get_stage
+
+    def names(stage):
+        return {p.name for p in fingerprints.module_closure(get_stage(stage).work.__module__)}
+
+    assert {"trainsets.py", "prompts.py", "seeds.py"} <= names("trainsets")
+    assert {"training.py", "adapters.py", "embedded.py"} <= names("train")
+    assert {"players.py", "parse.py", "audience.py"} <= names("episodes")
+    assert {"probes.py", "parse.py"} <= names("probe")
+    # the model runtime behind the call cache is not a stage's code (see fingerprints)
+    assert not {"hf.py", "cache.py", "openai_backend.py"} & names("compete")
+    assert "training.py" not in names("compete")
 
 
 def test_manifest_records_what_a_unit_did(profile, tmp_path):
@@ -128,17 +189,13 @@ def test_manifest_records_what_a_unit_did(profile, tmp_path):
     assert set(manifest["fingerprint"]) == {"digest", "inputs", "params", "code"}
     assert set(manifest["fingerprint"]["inputs"]) == {"a"}
     assert manifest["outputs"]["b.jsonl"]["bytes"] == len('{"total": 3}\n')
-    assert manifest["params"]["profile"] == {"judge": yaml.safe_load(profile.read_text())["judge"]
-                                             | {"top_p": 1.0, "batch_size": 8,
-                                                "max_concurrency": 8, "revision": None,
-                                                "base_url_env": "OPENAI_BASE_URL",
-                                                "api_key_env": "OPENAI_API_KEY",
-                                                "enable_thinking": None,
-                                                "force_answer": False}}  # fmt: skip
+    judge = manifest["params"]["profile"]["judge"]
+    assert judge["temperature"] == 0.7 and judge["model"] == "m" and judge["dtype"] == "auto"
     assert manifest["profile_digest"] and manifest["seed"] == 1
-    assert "pipeline/moloch/runner.py" in manifest["code"]["files"]
+    assert any(f.endswith("tests/test_runner.py") for f in manifest["code"]["files"])
     assert manifest["packages"]["numpy"] and manifest["counts"] == {"rows": 1}
     assert not list(runs.rglob("*.tmp"))  # atomic writes leave nothing behind
+    assert find_run(run_dir=runs).profile == find_run(profile).profile  # profile.yaml recorded
 
 
 def test_failed_unit_is_not_done_and_missing_inputs_are_named(profile, tmp_path):
@@ -146,28 +203,46 @@ def test_failed_unit_is_not_done_and_missing_inputs_are_named(profile, tmp_path)
     with pytest.raises(StageError, match="needs the outputs of stage 'a'"):
         toy_run(profile, runs, only=["b"])
     toy_run(profile, runs)
-    broken = [TOY[0], Stage("b", "none.ipynb", work_fails, lambda ctx: [("a", None)], ("seed",))]
+    broken = [TOY[0], Stage("b", "none.ipynb", work_fails, lambda unit: [("a", None)], ("seed",))]
     with pytest.raises(RuntimeError, match="boom"):
         toy_run(profile, runs, stages=broken, force=["b"])
     assert read_manifest(runs / "b" / "sales" / "p") is None  # the old manifest is gone too
     assert [r.status for r in toy_run(profile, runs)] == ["skipped", "ran"]
 
 
-def test_torn_manifest_and_bad_rows(tmp_path):
+def test_torn_manifest_means_not_done(tmp_path):
     (tmp_path / "manifest.json").write_text('{"stage": "a", ')
     assert read_manifest(tmp_path) is None
-    (tmp_path / "rows.jsonl").write_text('{"a": 1}\n{"a": \n')
-    with pytest.raises(StageError, match=r"rows.jsonl, line 2: not valid JSON"):
-        read_jsonl(tmp_path / "rows.jsonl")
-    with pytest.raises(StageError, match="missing"):
-        read_jsonl(tmp_path / "nope.jsonl")
+    (tmp_path / "manifest.json").write_text("[]")
+    assert read_manifest(tmp_path) is None
+
+
+def test_unit_checks_its_shard_against_the_profile(profile, tmp_path):
+    run = find_run(profile, tmp_path / "runs")
+    with pytest.raises(StageError, match="has no task 'elections'"):
+        Unit.of(TOY[0], run, "elections", "p")
+    with pytest.raises(StageError, match="does not run per method"):
+        Unit.of(TOY[0], run, "sales", "p", "rft")
+    per_method = Stage("m", "none.ipynb", work_a, lambda unit: [], ("seed",), methods=("x",))
+    with pytest.raises(StageError, match="runs per method"):
+        Unit.of(per_method, run, "sales", "p")
+
+
+def test_a_folder_of_another_profile_is_refused(profile, tmp_path):
+    runs = tmp_path / "runs"
+    toy_run(profile, runs)
+    other = toy_spec() | {"name": "other"}
+    path = tmp_path / "other.yaml"
+    path.write_text(yaml.safe_dump(other))
+    with pytest.raises(Exception, match="holds a run of profile 'toy'"):
+        find_run(path, runs)
 
 
 HOLD_LOCK = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from moloch.runner import shard_lock
+    from moloch.locks import shard_lock
     with shard_lock(Path(sys.argv[1]), "sales", "p"):
         print("locked", flush=True)
         time.sleep(60)
@@ -187,24 +262,23 @@ def test_second_run_on_the_same_shard_is_refused_until_the_holder_dies(profile, 
     finally:
         holder.kill()
         holder.wait()
-    # The lock file is still there, with the dead pid in it: no obstacle.
-    assert str(holder.pid) in (runs / ".locks" / "sales__p.lock").read_text()
-    assert [r.status for r in toy_run(profile, runs)] == ["ran", "ran"]
+    assert [r.status for r in toy_run(profile, runs)] == ["ran", "ran"]  # a dead holder is none
 
 
-def test_lock_is_reentrant_for_the_units_a_runner_starts(tmp_path):
-    with shard_lock(tmp_path, "sales", "p"):
-        with shard_lock(tmp_path, "sales", "p", reentrant=True):
-            pass
-        with pytest.raises(StageError, match="in use"), shard_lock(tmp_path, "sales", "p"):
-            pass
+def test_the_lock_is_not_reentrant(tmp_path):
+    with (
+        shard_lock(tmp_path, "sales", "p"),
+        pytest.raises(StageError, match="in use"),
+        shard_lock(tmp_path, "sales", "p"),
+    ):
+        pass
     with shard_lock(tmp_path, "sales", "p"):
         pass
 
 
 def test_kernelspec_runs_this_interpreter(tmp_path, monkeypatch):
     monkeypatch.delenv("JUPYTER_PATH", raising=False)
-    name = runner.ensure_kernel(tmp_path)
+    name = ensure_kernel(tmp_path)
     spec = json.loads((tmp_path / ".jupyter" / "kernels" / name / "kernel.json").read_text())
     assert spec["argv"][0] == sys.executable
     from jupyter_client.kernelspec import KernelSpecManager

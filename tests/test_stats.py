@@ -81,7 +81,7 @@ def test_win_rate_bca_agrees_with_scipy():
     ref = sps.bootstrap(
         (shares,), np.mean, n_resamples=20_000, method="BCa", random_state=np.random.default_rng(2)
     ).confidence_interval
-    assert est.method == "cluster_bootstrap/bca"
+    assert est.interval_method == "cluster_bootstrap/bca"
     assert est.ci_low == pytest.approx(ref.low, abs=0.003)
     assert est.ci_high == pytest.approx(ref.high, abs=0.003)
 
@@ -89,7 +89,7 @@ def test_win_rate_bca_agrees_with_scipy():
 def test_degenerate_votes_fall_back_to_percentile():
     est = stats.win_rate(votes_table([["second"] * 5] * 10), seed=0, resamples=200)
     assert (est.estimate, est.ci_low, est.ci_high) == (1.0, 1.0, 1.0)
-    assert est.method == "cluster_bootstrap/percentile"
+    assert est.interval_method == "cluster_bootstrap/percentile"
 
 
 def test_two_stage_sees_variation_within_duels():
@@ -98,13 +98,13 @@ def test_two_stage_sees_variation_within_duels():
     cluster = stats.win_rate(votes_table(duels), seed=0, resamples=2000)
     two = stats.win_rate(votes_table(duels), seed=0, resamples=2000, two_stage=True)
     assert cluster.ci_high - cluster.ci_low == 0.0
-    assert two.method.startswith("two_stage_bootstrap/")
+    assert two.interval_method.startswith("two_stage_bootstrap/")
     assert two.ci_low < 0.5 < two.ci_high
 
 
 def test_no_valid_vote_at_all_is_undefined():
     est = stats.win_rate(votes_table([[None, None]]), seed=0, resamples=10)
-    assert est.method == "undefined" and math.isnan(est.estimate) and est.n_excluded == 1
+    assert est.interval_method == "undefined" and math.isnan(est.estimate) and est.n_excluded == 1
 
 
 def test_bad_votes_tables_are_named():
@@ -131,7 +131,7 @@ def test_win_rate_properties(duels, seed):
     est = stats.win_rate(votes, seed=seed, resamples=200)
     low, high = stats.win_rate_bounds(votes)
     assert 0.0 <= low <= high <= 1.0
-    if est.method == "undefined":
+    if est.interval_method == "undefined":
         return
     assert 0.0 <= est.ci_low <= est.estimate <= est.ci_high <= 1.0
     assert low - 1e-12 <= est.estimate <= high + 1e-12
@@ -156,12 +156,12 @@ def test_probe_rate_uses_wilson_not_wald():
     assert est.ci_low == pytest.approx(centre - half) and est.ci_high == pytest.approx(
         centre + half
     )
-    assert est.method == "wilson"
+    assert est.interval_method == "wilson"
     assert stats.probe_rate_bounds(labels_table("base", [1, 0, None, None])) == (0.25, 0.75)
 
 
 def test_probe_rate_all_invalid_is_undefined():
-    assert stats.probe_rate(labels_table("base", [None, None])).method == "undefined"
+    assert stats.probe_rate(labels_table("base", [None, None])).interval_method == "undefined"
 
 
 def test_probe_rate_rejects_bad_labels():
@@ -188,12 +188,12 @@ def test_paired_difference_and_relative_change():
     rel = stats.paired_change(trained, base, seed=1, statistic="relative_change", resamples=1000)
     assert diff.estimate == pytest.approx(0.2) and rel.estimate == pytest.approx(1.0)
     assert (rel.n, rel.n_invalid, rel.n_excluded) == (10, 1, 1)
-    assert rel.method.startswith("paired_bootstrap/") and rel.ci_low <= 1.0 <= rel.ci_high
+    assert rel.interval_method.startswith("paired_bootstrap/") and rel.ci_low <= 1.0 <= rel.ci_high
 
 
 def test_relative_change_undefined_when_base_rate_is_zero():
     est = stats.paired_change(labels_table("tfb", [1, 0]), labels_table("base", [0, 0]), seed=0)
-    assert est.method == "undefined" and math.isnan(est.estimate)
+    assert est.interval_method == "undefined" and math.isnan(est.estimate)
 
 
 def test_paired_change_rejects_duplicate_anchors():
@@ -217,9 +217,9 @@ def test_paired_change_properties(pairs, seed):
     for statistic in stats.STATISTICS:
         est = stats.paired_change(trained, base, seed, statistic, resamples=200)
         low, high = stats.change_bounds(trained, base, statistic)
-        if est.method != "undefined":
+        if est.interval_method != "undefined":
             assert est.ci_low <= est.estimate <= est.ci_high
-        if statistic == "difference" and est.method != "undefined":
+        if statistic == "difference" and est.interval_method != "undefined":
             assert est.ci_low >= -1.0 and est.ci_high <= 1.0
             # Swapping the arms negates the difference.
             swapped = stats.paired_change(base, trained, seed, statistic, resamples=200)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from moloch.anchors import SalesAnchor
 from moloch.errors import DataError
 from moloch.prompts import player_messages
-from moloch.trainsets import Ballot, Episode, build_trainsets, group_ballots, rft_winners, tfb_pool
+from moloch.trainsets import Episode, Vote, build_trainsets, group_votes, rft_winners, tfb_pool
 
 TASK = "sales"
 
@@ -33,8 +33,8 @@ def episode(i: int, votes: str, thoughts=None) -> Episode:
             f"<think>b{i}</think>",
         ),
         messages=(f"  A{i} \n", f"B{i}"),
-        ballots=tuple(
-            Ballot(v, choice[c], t) for v, (c, t) in enumerate(zip(votes, thoughts, strict=True))
+        votes=tuple(
+            Vote(v, choice[c], t) for v, (c, t) in enumerate(zip(votes, thoughts, strict=True))
         ),
     )
 
@@ -156,14 +156,14 @@ def test_ballot_rows_from_the_votes_table():
         {"anchor_id": "a", "voter": 0, "choice": "first", "valid": False, "thought": None},
         {"anchor_id": "b", "voter": 0, "choice": None, "valid": False, "thought": None},
     ]
-    grouped = group_ballots(rows)
+    grouped = group_votes(rows)
     assert [b.voter for b in grouped["a"]] == [0, 1]
     assert grouped["a"][0].choice is None  # an invalid ballot never counts
-    assert grouped["a"][1] == Ballot(1, "second", "t")
+    assert grouped["a"][1] == Vote(1, "second", "t")
     with pytest.raises(DataError, match="votes row 0: missing column.*'valid'"):
-        group_ballots([{"anchor_id": "a", "voter": 0, "choice": "first"}])
+        group_votes([{"anchor_id": "a", "voter": 0, "choice": "first"}])
     with pytest.raises(DataError, match="votes row 0.*choice must be"):
-        group_ballots([{"anchor_id": "a", "voter": 0, "choice": "A", "valid": True}])
+        group_votes([{"anchor_id": "a", "voter": 0, "choice": "A", "valid": True}])
 
 
 def test_bad_input_names_the_episode():

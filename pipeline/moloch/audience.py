@@ -1,4 +1,4 @@
-"""The audience: k persona-voters read two messages and vote (PROTOCOL §3).
+"""The audience: k persona-voters read two messages and vote (docs/protocol.md §3).
 
 A *duel* is two texts for one anchor; every voter gets one ballot per duel,
 with the two texts placed as A and B in a seeded order of its own (keyed on
@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 from .anchors import Persona
 from .llm.base import AnswerFormat, ChatRequest
-from .players import derive_seed
 from .prompts import BallotOrder, ballot_order, voter_messages
+from .seeds import request_seed
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def ballots(spec, task: str, personas: Sequence[Persona], duels: Sequence[Duel],
                 temperature=spec.temperature,
                 top_p=spec.top_p,
                 max_tokens=spec.max_tokens,
-                seed=derive_seed(seed, "vote", task, duel.anchor_id, duel.key, voter),
+                seed=request_seed(seed, "vote", task, duel.anchor_id, duel.key, voter),
                 enable_thinking=spec.enable_thinking,
                 answer_format=AnswerFormat.tagged("vote", ("A", "B"))
                 if spec.force_answer
@@ -59,7 +59,7 @@ def ballots(spec, task: str, personas: Sequence[Persona], duels: Sequence[Duel],
 
 
 def read_ballot(ballot: Ballot, reply: str) -> dict:
-    """The vote columns of one answered ballot (contracts, table 1)."""
+    """The vote columns of one answered ballot (docs/protocol.md §10, compete votes)."""
     from .llm.parse import parse_thought, parse_vote
 
     vote = parse_vote(reply)

@@ -25,6 +25,7 @@ import numpy as np
 from . import stats
 from .files import write_atomic
 from .paths import runs_dir
+from .seeds import cell_seed
 
 SEED = 20251007
 RESAMPLES = 2_000
@@ -132,7 +133,7 @@ def run_scenario(scenario: Scenario, sims: int, resamples: int, seed: int) -> di
 def run(sims: int = SIMS, resamples: int = RESAMPLES, seed: int = SEED) -> dict:
     """Every scenario; coverage pooled per interval type."""
     results = [
-        run_scenario(s, sims, resamples, stats.cell_seed(seed, s.kind, s.size, s.param))
+        run_scenario(s, sims, resamples, cell_seed(seed, s.kind, s.size, s.param))
         for s in SCENARIOS
     ]
     types: dict[str, dict] = {}

@@ -11,25 +11,25 @@ model and method are not stated, inside the interval of at least one candidate c
 differs, is not comparable (the profile is not comparable, or the run's models, audience or
 judge differ from the claim's) or is not computable (the run lacks the data).
 
-    python -m moloch.claims registry          # (re)build data/claims.csv from published values
-    python -m moloch.claims evaluate smoke    # writes data/runs/smoke/claims.csv
+    python -m moloch.claims registry                 # (re)build data/claims.csv
+    python -m moloch.claims evaluate --profile smoke # writes data/runs/smoke/claims.csv
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .config import Profile, load_profile
+from .cells import read_cells, write_cells
+from .config import Profile
 from .errors import DataError
 from .files import write_atomic
-from .paths import CLAIMS_FILE, PUBLISHED_VALUES_FILE, run_dir, stage_dir
+from .paths import CLAIMS_FILE, PUBLISHED_VALUES_FILE
 from .released import R2026_METRIC, load_published
-from .stats import tidy_cells
+from .runs import Run, find_run
 from .tasks import PROBE_METRIC, TASKS
 
 STATUSES = ("reproduced", "differs", "not comparable", "not computable")
@@ -185,27 +185,6 @@ def load_registry(path: Path = CLAIMS_FILE) -> pd.DataFrame:
     return registry
 
 
-# ---------------------------------------------------------------- run tables
-
-
-def _read_lines(paths: list[Path]) -> pd.DataFrame:
-    frames = []
-    for path in paths:
-        try:
-            frames.append(pd.read_json(path, lines=True, dtype=False))
-        except ValueError as err:
-            raise DataError(f"{path} is not valid JSON lines ({err}); rerun its stage") from err
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
-def load_run_tables(profile_name: str) -> dict[str, pd.DataFrame]:
-    """The compete votes and probe labels of a run (empty tables where a stage has not run)."""
-    return {
-        "votes": _read_lines(sorted(stage_dir(profile_name, "compete").glob("*/*/votes.jsonl"))),
-        "labels": _read_lines(sorted(stage_dir(profile_name, "probe").glob("*/*/labels.jsonl"))),
-    }
-
-
 # ---------------------------------------------------------------- evaluation
 
 
@@ -222,7 +201,7 @@ def _candidates(claim: pd.Series, cells: pd.DataFrame) -> pd.DataFrame:
         pick &= cells["pair"].isin(str(claim["pair"]).split("|"))
     elif stat == "probe_rate":
         pick &= (cells["kind"] == "probe_rate") & (cells["metric"] == claim["metric"])
-        pick &= cells["player_method"] == claim["method"]
+        pick &= cells["method"] == claim["method"]
     else:
         pick &= (cells["kind"] == "probe_change") & (cells["statistic"] == "relative_change")
         pick &= (cells["metric"] == claim["metric"]) & cells["pair"].isin(TRAINED_PAIRS)
@@ -231,7 +210,7 @@ def _candidates(claim: pd.Series, cells: pd.DataFrame) -> pd.DataFrame:
     factor, shift = scale.get(stat, (1.0, 0.0))
     for column in ("estimate", "ci_low", "ci_high"):
         found[column] = found[column].astype(float) * factor + shift
-    found["cell"] = found["model"] + " " + found["pair"].fillna(found["player_method"])
+    found["cell"] = found["model"] + " " + found["pair"].fillna(found["method"])
     return found
 
 
@@ -289,7 +268,7 @@ def evaluate_claim(claim: pd.Series, cells: pd.DataFrame, profile: Profile) -> d
             ci_low=chosen["ci_low"],
             ci_high=chosen["ci_high"],
             cell=chosen["cell"],
-            interval_method=chosen["method"],
+            interval_method=chosen["interval_method"],
             n=chosen["n"],
         )
     result["candidates"] = "; ".join(_fmt(r) for _, r in defined.iterrows()) or None
@@ -312,25 +291,11 @@ def evaluate_claim(claim: pd.Series, cells: pd.DataFrame, profile: Profile) -> d
     return result
 
 
-def evaluate_claims(
-    profile: Profile | str, run_tables: Mapping[str, pd.DataFrame | None]
-) -> pd.DataFrame:
-    """Every published claim checked against a run.
+def evaluate_claims(profile: Profile, cells: pd.DataFrame) -> pd.DataFrame:
+    """Every published claim checked against a run's cells (``moloch.cells``).
 
-    ``run_tables``: {"votes": compete votes, "labels": probe labels} as in the contracts
-    (either may be missing or empty), or {"cells": the output of ``stats.tidy_cells``}.
     Every claim id of the published-values file gets a row with a status and a reason.
     """
-    profile = load_profile(profile) if isinstance(profile, str) else profile
-    cells = run_tables.get("cells")
-    if cells is None:
-        cells = tidy_cells(
-            run_tables.get("votes"),
-            run_tables.get("labels"),
-            profile.seed,
-            profile.stats.resamples,
-            profile.stats.confidence,
-        )
     registry = load_registry()
     rows = [evaluate_claim(claim, cells, profile) for _, claim in registry.iterrows()]
     published = pd.read_csv(PUBLISHED_VALUES_FILE, usecols=["claim_id", "value", "unit"])
@@ -342,24 +307,32 @@ def evaluate_claims(
     return pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
 
 
-def write_claims_csv(profile_name: str) -> Path:
-    """Evaluate every claim against a profile's run: ``data/runs/<profile>/claims.csv``."""
-    profile = load_profile(profile_name)
-    table = evaluate_claims(profile, load_run_tables(profile.name))
-    return _write_csv(table, run_dir(profile.name) / "claims.csv")
+def write_claims(run: Run) -> Path:
+    """Every claim against the run's cells table: writes ``<run>/claims.csv``."""
+    return _write_csv(evaluate_claims(run.profile, read_cells(run)), run.claims_path)
+
+
+def read_claims(run: Run) -> pd.DataFrame:
+    """The claims table of a run, as :func:`write_claims` wrote it."""
+    if not run.claims_path.is_file():
+        raise DataError(f"{run.claims_path} is missing: nox -s report writes it")
+    return pd.read_csv(run.claims_path)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("registry", help="build data/claims.csv from the published values")
-    evaluate = sub.add_parser("evaluate", help="check every claim against a run")
-    evaluate.add_argument("profile")
+    evaluate = sub.add_parser("evaluate", help="check every claim against a run's cells")
+    evaluate.add_argument("--profile", help="profile name or YAML path")
+    evaluate.add_argument("--run-dir", help="run folder (default data/runs/<profile>)")
     args = parser.parse_args(argv)
     if args.command == "registry":
         path = _write_csv(build_registry(), CLAIMS_FILE)
     else:
-        path = write_claims_csv(args.profile)
+        run = find_run(args.profile, args.run_dir)
+        write_cells(run)
+        path = write_claims(run)
         counts = pd.read_csv(path)["status"].value_counts()
         print(", ".join(f"{k}: {v}" for k, v in counts.items()))
     print(f"wrote {path}")

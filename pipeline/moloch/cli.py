@@ -14,7 +14,6 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .config import DEFAULT_PROFILE
 from .errors import MolochError
 
 
@@ -24,7 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moloch", description="Moloch's Bargain, reproduced.")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run (or skip, when up to date) the pipeline's stages")
-    run.add_argument("--profile", default=DEFAULT_PROFILE, help="profile name or YAML path")
+    run.add_argument(
+        "--profile", help="profile name or YAML path (default: the run folder's, else smoke)"
+    )
     run.add_argument("--only", action="append", choices=STAGE_NAMES, help="run only this stage")
     run.add_argument("--until", choices=STAGE_NAMES, help="stop after this stage")
     run.add_argument(

@@ -1,4 +1,4 @@
-"""Who faces whom: training-episode duels and the test competition (PROTOCOL §4, §6).
+"""Who faces whom: training-episode duels and the test competition (docs/protocol.md §4, §6).
 
 Episodes: on each train anchor, the base player's sample 0 against sample 1.
 Test: for each pair (base, rft), (base, tfb), (rft, tfb), one duel per test

@@ -26,6 +26,9 @@ from .tasks import TASKS
 DEFAULT_PROFILE = "smoke"
 
 Backend = Literal["transformers", "vllm", "openai", "fake"]
+# How closely a run follows the authors' v1 code (see TrainingSpec.mode).
+Fidelity = Literal["faithful", "corrected"]
+FIDELITY: tuple[str, ...] = ("faithful", "corrected")
 
 
 class Strict(BaseModel):
@@ -48,6 +51,14 @@ class ModelSpec(Strict):
     enable_thinking: bool | None = Field(
         default=None, description="passed to the chat template (Qwen3's thinking mode)"
     )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description="local backends' arithmetic: auto = float32 on CPU, bfloat16 on CUDA "
+        "(vLLM: the model's own); it changes answers, so it is part of the model's identity",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="transformers backend: auto = CUDA when there is one"
+    )
     force_answer: bool = Field(
         default=False,
         description="voters and judges: force the reply's <think> and answer tags by "
@@ -59,7 +70,7 @@ class PlayerSpec(ModelSpec):
     """A player model: the agent that competes and is fine-tuned."""
 
     name: str = Field(description="short id used in paths, e.g. 'Qwen3-8B'")
-    samples: int = Field(default=2, ge=2, description="players per anchor (PROTOCOL §2)")
+    samples: int = Field(default=2, ge=2, description="players per anchor (docs/protocol.md §2)")
 
 
 class AnchorSpec(Strict):
@@ -81,7 +92,7 @@ class LoraSpec(Strict):
 
 
 class TrainingSpec(Strict):
-    mode: Literal["faithful", "corrected"] = Field(
+    mode: Fidelity = Field(
         description="faithful: the original x3 replication and tie quirk; corrected: ties skipped"
     )
     lora: LoraSpec

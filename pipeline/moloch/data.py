@@ -1,6 +1,6 @@
 """Fetch, verify and read the study's inputs (anchors, v1 prompts, personas).
 
-Every input is a row of ``data/manifest.csv`` (name, path in the authors'
+Every input is a row of ``data/inputs.csv`` (name, path in the authors'
 repository, URL, SHA-256, format, role). ``fetch`` downloads a file with pooch
 into ``cache_dir()/data/<path>`` and always checks its SHA-256; with
 ``$MOLOCH_DATA_MIRROR`` set, a local copy laid out like the URLs
@@ -8,14 +8,13 @@ into ``cache_dir()/data/<path>`` and always checks its SHA-256; with
 The loaders turn the verified files into the typed records of ``anchors.py``.
 
     python -m moloch.data            # fetch and verify every input (= nox -s data)
-    python -m moloch.data --list     # what the manifest holds
+    python -m moloch.data --list     # what the input list holds
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import re
 import shutil
@@ -29,11 +28,12 @@ import requests
 
 from .anchors import Anchor, Persona, make_anchor, make_persona
 from .errors import DataError
-from .paths import ENV_MIRROR, MANIFEST_FILE, cache_dir
+from .files import read_json, read_jsonl
+from .paths import ENV_MIRROR, INPUTS_FILE, cache_dir
 from .tasks import get_task
 
 RAW_HOST = "https://raw.githubusercontent.com/"
-MANIFEST_COLUMNS = ("name", "path", "url", "sha256", "format", "role")
+INPUT_COLUMNS = ("name", "path", "url", "sha256", "format", "role")
 FORMATS = ("json", "jsonl", "md")
 SPLITS = ("train", "test")
 SOURCES = ("v1", "raw")
@@ -42,7 +42,7 @@ FETCH_HINT = "run `nox -s data` (set MOLOCH_DATA_MIRROR to use a local copy)"
 
 @dataclass(frozen=True)
 class Entry:
-    """One input file of the manifest."""
+    """One input file of the input list."""
 
     name: str
     path: str
@@ -56,51 +56,51 @@ class Entry:
 class Inputs:
     """Where inputs are listed, kept and copied from; tests pass their own."""
 
-    manifest: Path
+    inputs_file: Path
     cache: Path
     mirror: Path | None = None
 
     @classmethod
     def from_env(cls) -> Inputs:
-        """The project's manifest, the user cache and ``$MOLOCH_DATA_MIRROR``."""
+        """The project's input list, the user cache and ``$MOLOCH_DATA_MIRROR``."""
         mirror = os.environ.get(ENV_MIRROR)
         # resolve() makes a relative mirror path relative to the current directory
         return cls(
-            manifest=MANIFEST_FILE,
+            inputs_file=INPUTS_FILE,
             cache=cache_dir() / "data",
             mirror=Path(mirror).expanduser().resolve() if mirror else None,
         )
 
     def entries(self) -> dict[str, Entry]:
-        return read_manifest(self.manifest)
+        return read_inputs(self.inputs_file)
 
 
-# --- manifest -------------------------------------------------------------------------
+# --- the input list -------------------------------------------------------------------------
 
 
-def read_manifest(path: Path = MANIFEST_FILE) -> dict[str, Entry]:
-    """The manifest's rows by name, checked for shape (columns, hashes, formats)."""
-    return _read_manifest(Path(path), _mtime(path))
+def read_inputs(path: Path = INPUTS_FILE) -> dict[str, Entry]:
+    """The input list's rows by name, checked for shape (columns, hashes, formats)."""
+    return _read_inputs(Path(path), _mtime(path))
 
 
 def _mtime(path: Path) -> float:
     try:
         return Path(path).stat().st_mtime
     except FileNotFoundError:
-        raise DataError(f"input manifest {path} is missing: restore it from git") from None
+        raise DataError(f"input list {path} is missing: restore it from git") from None
 
 
 @cache
-def _read_manifest(path: Path, _mtime: float) -> dict[str, Entry]:
+def _read_inputs(path: Path, _mtime: float) -> dict[str, Entry]:
     with path.open(encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
-        if tuple(reader.fieldnames or ()) != MANIFEST_COLUMNS:
+        if tuple(reader.fieldnames or ()) != INPUT_COLUMNS:
             raise DataError(
-                f"{path}: columns are {reader.fieldnames}, expected {list(MANIFEST_COLUMNS)}"
+                f"{path}: columns are {reader.fieldnames}, expected {list(INPUT_COLUMNS)}"
             )
         entries: dict[str, Entry] = {}
         for line, row in enumerate(reader, start=2):
-            entry = Entry(**{k: (row[k] or "").strip() for k in MANIFEST_COLUMNS})
+            entry = Entry(**{k: (row[k] or "").strip() for k in INPUT_COLUMNS})
             where = f"{path} line {line} ({entry.name or 'no name'})"
             if not re.fullmatch(r"[0-9a-f]{64}", entry.sha256):
                 raise DataError(f"{where}: sha256 {entry.sha256!r} is not 64 hex digits")
@@ -115,7 +115,7 @@ def _read_manifest(path: Path, _mtime: float) -> dict[str, Entry]:
 
 
 def find_entry(name_or_path: str, inputs: Inputs | None = None) -> Entry:
-    """The manifest row with this name or path."""
+    """The input-list row with this name or path."""
     inputs = inputs or Inputs.from_env()
     entries = inputs.entries()
     if name_or_path in entries:
@@ -124,7 +124,8 @@ def find_entry(name_or_path: str, inputs: Inputs | None = None) -> Entry:
         if entry.path == name_or_path:
             return entry
     raise DataError(
-        f"no input named {name_or_path!r} in {inputs.manifest}; known names: {', '.join(entries)}"
+        f"no input named {name_or_path!r} in {inputs.inputs_file}; "
+        f"known names: {', '.join(entries)}"
     )
 
 
@@ -196,7 +197,7 @@ def fetch(name_or_path: str, inputs: Inputs | None = None) -> Path:
 
 
 def fetch_all(inputs: Inputs | None = None) -> dict[str, Path]:
-    """Every input of the manifest, by name."""
+    """Every input of the input list, by name."""
     inputs = inputs or Inputs.from_env()
     return {name: fetch(name, inputs) for name in inputs.entries()}
 
@@ -227,42 +228,16 @@ def verify_all(inputs: Inputs | None = None, out=None) -> list[str]:
 # --- parsing --------------------------------------------------------------------------
 
 
-def _text(path: Path) -> str:
-    # decode ourselves: no newline translation, and bad bytes become a DataError
-    try:
-        return path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 ({err}); {FETCH_HINT}") from None
-
-
 @cache
 def _records(path: Path, sha256: str, fmt: str) -> tuple[tuple[str, object], ...]:
     """(where, record) pairs of a verified JSON list or JSON-lines file."""
-    text = _text(path)
     if fmt == "json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(
-                f"{path}: malformed JSON at line {err.lineno} column {err.colno} ({err.msg}); "
-                f"{FETCH_HINT}"
-            ) from None
+        data = read_json(path, "input", FETCH_HINT)
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON list, got {type(data).__name__}")
         return tuple((f"{path} record {i}", rec) for i, rec in enumerate(data))
-    records = []
-    # split on \n only: str.splitlines would also break at U+2028 inside a record
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append((f"{path} line {number}", json.loads(line)))
-        except json.JSONDecodeError as err:
-            raise DataError(
-                f"{path} line {number}: malformed JSON line at column {err.colno} ({err.msg}); "
-                f"{FETCH_HINT}"
-            ) from None
-    return tuple(records)
+    rows = read_jsonl(path, "input", FETCH_HINT)
+    return tuple((f"{path} record {i}", rec) for i, rec in enumerate(rows))
 
 
 def _read(entry: Entry, inputs: Inputs) -> tuple[tuple[str, object], ...]:
@@ -280,13 +255,13 @@ def _check_split(split: str) -> str:
 
 
 def raw_entry(task: str, split: str, inputs: Inputs | None = None) -> Entry:
-    """The manifest row of a task's raw split."""
+    """The input-list row of a task's raw split."""
     path = f"artsco/data/{get_task(task).key}/{_check_split(split)}.json"
     return find_entry(path, inputs)
 
 
 def player_file_entry(task: str, split: str, model: str, inputs: Inputs | None = None) -> Entry:
-    """The manifest row of the v1 per-model file (``model``: 'Qwen3-8B' or 'Qwen/Qwen3-8B')."""
+    """The input-list row of the v1 per-model file (``model``: 'Qwen3-8B' or 'Qwen/Qwen3-8B')."""
     key, split = get_task(task).key, _check_split(split)
     inputs = inputs or Inputs.from_env()
     found = [
@@ -306,7 +281,7 @@ def player_file_entry(task: str, split: str, model: str, inputs: Inputs | None =
         )
         raise DataError(
             f"no v1 prompt file for task {task!r}, split {split!r}, model {model!r} in "
-            f"{inputs.manifest}; models with one: {', '.join(models) or 'none'}"
+            f"{inputs.inputs_file}; models with one: {', '.join(models) or 'none'}"
         )
     return found[0]
 
@@ -372,12 +347,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m moloch.data",
         description=(
-            "Fetch every input of data/manifest.csv into the cache and verify its SHA-256. "
+            "Fetch every input of data/inputs.csv into the cache and verify its SHA-256. "
             f"Set {ENV_MIRROR} to a local mirror folder to work offline; MOLOCH_CACHE "
             "moves the cache."
         ),
     )
-    parser.add_argument("--list", action="store_true", help="print the manifest and exit")
+    parser.add_argument("--list", action="store_true", help="print the input list and exit")
     args = parser.parse_args(argv)
     try:
         inputs = Inputs.from_env()

@@ -1,8 +1,9 @@
-"""SHA-256 of files and texts: the fingerprints in manifests, caches and adapters."""
+"""SHA-256 fingerprints of files, texts and JSON-able objects (manifests, caches, adapters)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 
@@ -16,4 +17,10 @@ def file_sha256(path: str | Path) -> str:
 
 
 def text_sha256(text: str) -> str:
+    """Hex SHA-256 of a text's UTF-8 bytes."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def object_sha256(obj) -> str:
+    """Hex SHA-256 of a JSON-serialisable object (keys sorted; other objects by ``str``)."""
+    return text_sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str))

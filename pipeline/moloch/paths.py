@@ -19,15 +19,11 @@ PROTOCOL_DIR = DATA_DIR / "protocol"
 MATERIALS_FILE = PROTOCOL_DIR / "materials.json"
 REFERENCE_DIR = DATA_DIR / "reference"
 PUBLISHED_VALUES_FILE = REFERENCE_DIR / "published-values.csv"
-MANIFEST_FILE = DATA_DIR / "manifest.csv"
+INPUTS_FILE = DATA_DIR / "inputs.csv"  # every input file: name, path, URL, SHA-256
 CLAIMS_FILE = DATA_DIR / "claims.csv"
-FIXTURES_DIR = DATA_DIR / "fixtures"
 
 PROFILES_DIR = PACKAGE_DIR / "profiles"
 NOTEBOOKS_DIR = PIPELINE_DIR
-CHAPTERS_DIR = ROOT / "chapters"
-FIGURES_DIR = ROOT / "figures"
-BOOK_DIR = ROOT / "_book"
 
 # Environment variables a user may set (and nothing else is needed).
 ENV_CACHE = "MOLOCH_CACHE"
@@ -45,16 +41,6 @@ def cache_dir() -> Path:
 
 
 def runs_dir() -> Path:
-    """Root of generated runs (``$MOLOCH_RUNS``, default ``data/runs``)."""
+    """Root of generated runs (``$MOLOCH_RUNS``, default ``data/runs``); see ``moloch.runs``."""
     override = os.environ.get(ENV_RUNS)
     return Path(override).expanduser().resolve() if override else DATA_DIR / "runs"
-
-
-def run_dir(profile: str) -> Path:
-    """Folder of one profile's run: ``data/runs/<profile>``."""
-    return runs_dir() / profile
-
-
-def stage_dir(profile: str, stage: str, *parts: str) -> Path:
-    """Folder of one stage's outputs: ``data/runs/<profile>/<stage>/<parts...>``."""
-    return run_dir(profile).joinpath(stage, *parts)

@@ -1,4 +1,4 @@
-"""Players: the models that write the pitches, speeches and posts (PROTOCOL §2, §6).
+"""Players: the models that write the pitches, speeches and posts (docs/protocol.md §2, §6).
 
 A player answers each anchor's prompt ``samples`` times (sample_index 0, 1,
 ...); the reply's message is extracted from its XML tag. A reply without the
@@ -16,15 +16,10 @@ import re
 from collections.abc import Sequence
 
 from .llm.base import ChatRequest
-from .prompts import keyed_rng
+from .seeds import request_seed
 from .tasks import get_task
 
 THINK_BLOCK = re.compile(r"<think>.*?(</think>|$)", re.DOTALL)
-
-
-def derive_seed(seed: int, *key: int | str) -> int:
-    """A request seed from the master seed and the request's key (order-free)."""
-    return int(keyed_rng(seed, "request", *key).integers(0, 2**31 - 1))
 
 
 def player_requests(
@@ -40,7 +35,7 @@ def player_requests(
                     temperature=spec.temperature,
                     top_p=spec.top_p,
                     max_tokens=spec.max_tokens,
-                    seed=derive_seed(seed, "player", row["anchor_id"], sample),
+                    seed=request_seed(seed, "player", row["anchor_id"], sample),
                     sample_index=sample,
                     adapter=adapter,
                     enable_thinking=spec.enable_thinking,

@@ -1,4 +1,4 @@
-"""Misalignment probes: a judge model labels each test message Yes (1) or No (0) (PROTOCOL §7).
+"""Misalignment probes: a judge labels each test message Yes (1) or No (0) (docs/protocol.md §7).
 
 Each probe of the task judges player 0 of every method on every test anchor.
 ``{prompt}`` is the player's full user message and ``{generation}`` the text
@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from .llm.base import AnswerFormat, ChatRequest
-from .players import derive_seed
 from .prompts import probe_field, probe_messages
+from .seeds import request_seed
 from .tasks import PROBE_METRIC, get_task
 
 
@@ -44,7 +44,7 @@ def probe_jobs(
                     temperature=spec.temperature,
                     top_p=spec.top_p,
                     max_tokens=spec.max_tokens,
-                    seed=derive_seed(seed, "probe", probe_id, method, row["anchor_id"]),
+                    seed=request_seed(seed, "probe", probe_id, method, row["anchor_id"]),
                     enable_thinking=spec.enable_thinking,
                     answer_format=AnswerFormat.tagged(probe_field(probe_id), ("Yes", "No"))
                     if spec.force_answer
@@ -94,7 +94,7 @@ def run_probes(
     seed: int,
     desc: str | None = None,
 ) -> list[dict]:
-    """Label rows (contracts, table 2), probe-major, then method, then anchor."""
+    """Label rows (docs/protocol.md §10, probe labels), probe-major, then method, then anchor."""
     jobs = probe_jobs(spec, task, generations, prompts, seed)
     answers = llm.complete([request for _, request in jobs], desc=desc or f"{task} probes")
     return [

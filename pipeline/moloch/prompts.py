@@ -7,16 +7,14 @@ authors' code did, so that a reproduction sends byte-identical prompts.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from functools import cache
 
-import numpy as np
-
 from .anchors import Anchor, Persona
 from .errors import DataError
 from .paths import MATERIALS_FILE
+from .seeds import keyed_rng
 from .tasks import get_task
 
 PLAYER_SYSTEM = "You are a helpful assistant."
@@ -69,13 +67,6 @@ def ballot_order(seed: int, *key: int | str) -> BallotOrder:
     resumed run shows every voter the same order as an uninterrupted one.
     """
     return BallotOrder(swapped=bool(keyed_rng(seed, "ballot", *key).integers(0, 2)))
-
-
-def keyed_rng(seed: int, *key: int | str) -> np.random.Generator:
-    """A generator seeded by ``seed`` and a key, independent of call order."""
-    digest = hashlib.sha256("\x1f".join(map(str, key)).encode()).digest()
-    words = [int.from_bytes(digest[i : i + 4], "little") for i in range(0, 32, 4)]
-    return np.random.default_rng(np.random.SeedSequence([seed, *words]))
 
 
 def voter_user_message(task: str, persona: Persona, candidate_a: str, candidate_b: str) -> str:

@@ -8,7 +8,8 @@
   (rate(trained) / rate(base) - 1), with a paired bootstrap over anchors.
 
 Bootstrap intervals are BCa where BCa is defined and a percentile interval where it is not
-(a degenerate bootstrap distribution, e.g. all labels 0); ``Estimate.method`` says which.
+(a degenerate bootstrap distribution, e.g. all labels 0); ``Estimate.interval_method`` says
+which.
 Every result records its seed, sample size, invalid count and number of resamples, and every
 cell also carries a sensitivity range: the estimate with every invalid vote or label counted
 as one outcome, then as the other. Rates and changes are fractions (0.05 = 5 %).
@@ -19,7 +20,6 @@ as one outcome, then as the other. Rates and changes are fractions (0.05 = 5 %).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
@@ -29,6 +29,7 @@ from scipy.special import ndtr, ndtri
 from statsmodels.stats.proportion import proportion_confint
 
 from .errors import DataError
+from .seeds import cell_seed
 from .tasks import PROBE_METRIC
 
 DEFAULT_RESAMPLES = 10_000
@@ -45,7 +46,7 @@ class Estimate:
     estimate: float
     ci_low: float
     ci_high: float
-    method: str  # e.g. "cluster_bootstrap/bca", "wilson", "undefined"
+    interval_method: str  # how the interval was made: "cluster_bootstrap/bca", "wilson"...
     seed: int | None
     n: int  # units behind the estimate: duels, labels or paired anchors
     n_invalid: int  # invalid votes or labels among the input rows
@@ -55,16 +56,6 @@ class Estimate:
 
     def to_row(self) -> dict[str, object]:
         return asdict(self)
-
-
-def cell_seed(seed: int, *key: object) -> int:
-    """A seed for one cell, derived from the master seed and the cell's key.
-
-    Cells get independent streams that do not depend on the order they are computed in.
-    """
-    blob = "|".join(str(part) for part in (seed, *key)).encode()
-    # 32 bits: exact in floats, JSON and CSV, wherever the seed is recorded.
-    return int.from_bytes(hashlib.sha256(blob).digest()[:4], "big")
 
 
 # ---------------------------------------------------------------- bootstrap machinery
@@ -139,7 +130,7 @@ def _require(df: pd.DataFrame, columns: Iterable[str], what: str) -> None:
     if missing:
         raise DataError(
             f"{what} lacks column(s) {missing}; it has {list(df.columns)}. "
-            "Pass the table as written by the stage (see contracts)."
+            "Pass the table as written by the stage (docs/protocol.md §10)."
         )
 
 
@@ -299,8 +290,8 @@ def probe_rate(labels: pd.DataFrame, confidence: float = DEFAULT_CONFIDENCE) -> 
     n, k = int(valid.size), int(valid.sum())
     lo, hi = wilson(k, n, confidence)
     estimate = k / n if n else float("nan")
-    method = "wilson" if n else "undefined"
-    return Estimate(estimate, lo, hi, method, None, n, int(values.isna().sum()), 0, confidence, 0)
+    how = "wilson" if n else "undefined"
+    return Estimate(estimate, lo, hi, how, None, n, int(values.isna().sum()), 0, confidence, 0)
 
 
 def probe_rate_bounds(labels: pd.DataFrame) -> tuple[float, float]:
@@ -446,13 +437,13 @@ CELL_COLUMNS = (
     "kind",
     "statistic",
     "pair",
-    "player_method",
+    "method",
     "probe_id",
     "metric",
     "estimate",
     "ci_low",
     "ci_high",
-    "method",
+    "interval_method",
     "seed",
     "n",
     "n_invalid",
@@ -481,8 +472,8 @@ def tidy_cells(
 ) -> pd.DataFrame:
     """Every cell of a run: one row per statistic, with interval and sensitivity range.
 
-    ``votes``: the compete votes tables (contracts, table 1) of any tasks and models;
-    ``labels``: the probe labels tables (table 2). Either may be None or empty.
+    ``votes``: the compete votes tables (docs/protocol.md §10) of any tasks and models;
+    ``labels``: the probe labels tables. Either may be None or empty.
     kind "win_rate" (statistic win_rate_second, one row per task, model and pair),
     "probe_rate" (per task, model, method and probe) and "probe_change" (per task,
     model, trained method and probe; statistics "relative_change" and "difference").
@@ -500,7 +491,7 @@ def tidy_cells(
                 kind="win_rate",
                 statistic="win_rate_second",
                 pair=pair,
-                player_method=str(pair).split("-")[-1],
+                method=str(pair).split("-")[-1],
                 metric="win_rate_second",
             )
             rows.append(_cell(key, est, win_rate_bounds(group)))
@@ -514,7 +505,7 @@ def tidy_cells(
                 model=model,
                 kind="probe_rate",
                 statistic="probe_rate",
-                player_method=method,
+                method=method,
                 probe_id=probe_id,
                 metric=metric,
             )

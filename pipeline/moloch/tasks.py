@@ -52,6 +52,7 @@ TASKS: dict[str, Task] = {
 }
 
 METHODS = ("base", "rft", "tfb")
+TRAINED = ("rft", "tfb")  # the methods that train an adapter
 PAIRS = (("base", "rft"), ("base", "tfb"), ("rft", "tfb"))
 
 # The paper's name for what each probe's "Yes" measures (claims use these).

@@ -1,4 +1,4 @@
-"""LoRA fine-tuning of a player on a training set (PROTOCOL §5), with TRL's SFTTrainer.
+"""LoRA fine-tuning of a player on a training set (docs/protocol.md §5), with TRL's SFTTrainer.
 
 Every hyperparameter comes from ``profile.training``; CPU and GPU runs differ
 only by profile settings (``bf16``, ``gradient_checkpointing``, ``max_steps``).
@@ -18,7 +18,6 @@ completion only: TRL's default for prompt-completion data, set explicitly.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -29,11 +28,11 @@ from pathlib import Path
 
 from .config import PlayerSpec, Profile, load_profile
 from .errors import DataError, ModelError
-from .files import write_atomic
-from .hashing import file_sha256
-from .llm.base import stable_hash
+from .files import read_json, read_jsonl, write_json
+from .hashing import object_sha256
+from .llm.adapters import adapter_files, adapter_sha256
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what peft must write
 SUMMARY_FILE = "train_summary.json"
 
 
@@ -82,32 +81,15 @@ def render_rows(tokenizer, rows: Sequence[dict], enable_thinking: bool | None) -
 # --- outputs -------------------------------------------------------------------
 
 
-def adapter_hash(folder: Path) -> tuple[str, dict[str, str]]:
-    """SHA-256 over the adapter files (name and bytes, in a fixed order), and per file."""
-    per_file = {}
-    digest = hashlib.sha256()
-    for name in ADAPTER_FILES:
-        path = folder / name
-        if not path.is_file():
-            raise ModelError(f"adapter folder {folder} has no {name}: train it again")
-        per_file[name] = file_sha256(path)
-        digest.update(f"{name}\0{per_file[name]}\n".encode())
-    return digest.hexdigest(), per_file
-
-
 def load_train_summary(out_dir: str | Path) -> dict | None:
     """The summary of a complete adapter in ``out_dir`` whose files match their hash, else None."""
     out_dir = Path(out_dir)
     try:
-        summary = json.loads((out_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
-        digest, _ = adapter_hash(out_dir)
-    except (OSError, json.JSONDecodeError, ModelError):
+        summary = read_json(out_dir / SUMMARY_FILE, "training summary")
+        digest = adapter_sha256(out_dir)
+    except (DataError, ModelError):
         return None
     return summary if summary.get("adapter_sha256") == digest else None
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _install(tmp: Path, out_dir: Path) -> None:
@@ -250,7 +232,10 @@ def train_adapter(
     # No embedding layer is trained; "auto" would look the base model up on the Hub.
     trainer.model.save_pretrained(str(tmp), save_embedding_layers=False)
     shutil.rmtree(tmp / "trainer", ignore_errors=True)
-    digest, per_file = adapter_hash(tmp)
+    missing = [name for name in ADAPTER_FILES if not (tmp / name).is_file()]
+    if missing:
+        raise ModelError(f"training wrote no {', '.join(missing)} in {tmp}: train again")
+    digest, per_file = adapter_sha256(tmp), adapter_files(tmp)
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     summary = {
         "adapter_sha256": digest,
@@ -260,7 +245,7 @@ def train_adapter(
         "revision": player_spec.revision,
         "profile": profile.name,
         "seed": seed,
-        "rows_sha256": stable_hash(list(rows)),
+        "rows_sha256": object_sha256(list(rows)),
         "examples": len(rows),
         "examples_by_kind": dict(Counter(str(r.get("kind")) for r in rows)),
         **info,
@@ -279,24 +264,9 @@ def train_adapter(
         },
         "wall_s": round(time.monotonic() - started, 2),
     }
-    _write_json(tmp / SUMMARY_FILE, summary)
+    write_json(tmp / SUMMARY_FILE, summary)
     _install(tmp, out_dir)
     return summary
-
-
-def read_rows(path: Path) -> list[dict]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DataError(f"training set {path} does not exist: build it first") from None
-    rows = []
-    for n, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path} line {n} is not JSON ({err}): rebuild it") from None
-    return rows
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -310,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     profile = load_profile(ns.profile)
     player = profile.player(ns.player) if ns.player else profile.players[0]
     seed = profile.seed if ns.seed is None else ns.seed
-    summary = train_adapter(profile, player, read_rows(ns.rows), ns.out, seed)
+    summary = train_adapter(profile, player, read_jsonl(ns.rows, "training set"), ns.out, seed)
     print(json.dumps({k: summary[k] for k in ("adapter_sha256", "steps", "final_loss")}))
 
 

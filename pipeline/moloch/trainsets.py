@@ -2,9 +2,9 @@
 
 Pure functions, no model. Input: one (task, model)'s training episodes, in
 anchor order -- per train anchor the player prompt, the two candidates'
-full completions and extracted messages, and the audience's ballots.
+full completions and extracted messages, and the votes cast on them.
 Output: rows in TRL's conversational prompt-completion format, plus a
-summary of what was counted (PROTOCOL §4)::
+summary of what was counted (docs/protocol.md §4)::
 
     {"prompt": [{"role": "system", ...}, {"role": "user", ...}],
      "completion": [{"role": "assistant", "content": ...}],
@@ -25,11 +25,11 @@ Two modes (``profile.training.mode``):
   RFT list, so both modes train for a comparable number of steps.
 
 In both modes invalid votes (choice None) count for neither candidate, the
-thoughts of invalid ballots are still feedback (the original used every
+thoughts of invalid votes are still feedback (the original used every
 thought), the TFB options are the extracted messages stripped of surrounding
 whitespace and the target is ``<think> {thought.strip()} </think>``, as in the
 original. The original shuffles were not seeded; ours are, from ``seed`` and
-the task, via :func:`moloch.prompts.keyed_rng`.
+the task, via :func:`moloch.seeds.keyed_rng`.
 """
 
 from __future__ import annotations
@@ -39,18 +39,18 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .anchors import Anchor
+from .config import FIDELITY, Fidelity
 from .errors import DataError
-from .prompts import keyed_rng, tfb_messages, tfb_target
+from .prompts import tfb_messages, tfb_target
+from .seeds import keyed_rng
 
-Mode = Literal["faithful", "corrected"]
-MODES: tuple[str, ...] = ("faithful", "corrected")
 CHOICES = ("first", "second")
-RFT_REPLICATION = 3  # PROTOCOL §4: the RFT list is replicated 3 times
+RFT_REPLICATION = 3  # docs/protocol.md §4: the RFT list is replicated 3 times
 
 
 @dataclass(frozen=True)
-class Ballot:
-    """One voter's ballot on one training duel."""
+class Vote:
+    """One voter's vote on one training duel, as cast (the audience's ballot, answered)."""
 
     voter: int
     choice: Literal["first", "second"] | None  # None: the vote did not parse
@@ -59,17 +59,17 @@ class Ballot:
     def __post_init__(self) -> None:
         if self.choice is not None and self.choice not in CHOICES:
             raise DataError(
-                f"ballot of voter {self.voter}: choice must be 'first', 'second' or None, "
+                f"vote of voter {self.voter}: choice must be 'first', 'second' or None, "
                 f"got {self.choice!r}"
             )
 
     @classmethod
-    def from_row(cls, row: Mapping, where: str = "ballot") -> Ballot:
-        """Read one row of ``episodes/<task>/<model>/votes.jsonl`` (contracts, table 3)."""
+    def from_row(cls, row: Mapping, where: str = "vote") -> Vote:
+        """Read one row of ``episodes/<task>/<model>/votes.jsonl`` (docs/protocol.md §10)."""
         missing = [k for k in ("anchor_id", "voter", "choice", "valid") if k not in row]
         if missing:
             raise DataError(f"{where}: missing column(s) {missing}; re-run the episodes stage")
-        # An invalid ballot never counts, whatever its choice column says.
+        # An invalid vote never counts, whatever its choice column says.
         choice = row["choice"] if row["valid"] else None
         try:
             return cls(voter=int(row["voter"]), choice=choice, thought=row.get("thought"))
@@ -79,14 +79,14 @@ class Ballot:
 
 @dataclass(frozen=True)
 class Episode:
-    """One training duel: a train anchor, its two candidates and their ballots."""
+    """One training duel: a train anchor, its two candidates and the votes cast on them."""
 
     anchor_id: str
     anchor: Anchor
     prompt: tuple[tuple[str, str], ...]  # the player messages as sent (role, content)
     completions: tuple[str, str]  # full completions as generated, <think> included
     messages: tuple[str, str]  # extracted messages, as the voters read them
-    ballots: tuple[Ballot, ...] = field(default_factory=tuple)
+    votes: tuple[Vote, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         for name in ("completions", "messages"):
@@ -101,12 +101,12 @@ class Episode:
 
     def valid_votes(self) -> tuple[int, int]:
         """Valid votes for candidate 0 (first) and candidate 1 (second)."""
-        first = sum(b.choice == "first" for b in self.ballots)
-        second = sum(b.choice == "second" for b in self.ballots)
+        first = sum(v.choice == "first" for v in self.votes)
+        second = sum(v.choice == "second" for v in self.votes)
         return first, second
 
     def invalid_votes(self) -> int:
-        return sum(b.choice is None for b in self.ballots)
+        return sum(v.choice is None for v in self.votes)
 
 
 @dataclass(frozen=True)
@@ -116,12 +116,12 @@ class TrainSets:
     summary: dict
 
 
-def group_ballots(rows: Iterable[Mapping], where: str = "votes") -> dict[str, tuple[Ballot, ...]]:
-    """Ballots of an episodes votes table, by anchor id, in voter order."""
-    by_anchor: dict[str, list[Ballot]] = {}
+def group_votes(rows: Iterable[Mapping], where: str = "votes") -> dict[str, tuple[Vote, ...]]:
+    """The votes of an episodes votes table, by anchor id, in voter order."""
+    by_anchor: dict[str, list[Vote]] = {}
     for i, row in enumerate(rows):
-        ballot = Ballot.from_row(row, where=f"{where} row {i}")
-        by_anchor.setdefault(str(row["anchor_id"]), []).append(ballot)
+        vote = Vote.from_row(row, where=f"{where} row {i}")
+        by_anchor.setdefault(str(row["anchor_id"]), []).append(vote)
     return {k: tuple(sorted(v, key=lambda b: b.voter)) for k, v in by_anchor.items()}
 
 
@@ -142,11 +142,11 @@ def _row(kind: str, prompt, completion: str, anchor_id: str, **extra) -> dict:
 
 
 def _check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise DataError(f"unknown training-set mode {mode!r}: choose one of {list(MODES)}")
+    if mode not in FIDELITY:
+        raise DataError(f"unknown training-set mode {mode!r}: choose one of {list(FIDELITY)}")
 
 
-def rft_winners(episodes: Sequence[Episode], mode: Mode) -> tuple[list[dict], dict]:
+def rft_winners(episodes: Sequence[Episode], mode: Fidelity) -> tuple[list[dict], dict]:
     """One example per duel (before replication) and the counts behind it."""
     _check_mode(mode)
     rows: list[dict] = []
@@ -177,15 +177,15 @@ def rft_winners(episodes: Sequence[Episode], mode: Mode) -> tuple[list[dict], di
     return rows, counts
 
 
-def tfb_pool(task: str, episodes: Sequence[Episode], mode: Mode) -> tuple[list[dict], dict]:
+def tfb_pool(task: str, episodes: Sequence[Episode], mode: Fidelity) -> tuple[list[dict], dict]:
     """Every (duel, voter thought) example, in episode and voter order."""
     _check_mode(mode)
     rows: list[dict] = []
     counts = {"thoughts": 0, "empty_thoughts": 0, "blank_thoughts_kept": 0}
     for ep in episodes:
         prompt = tfb_messages(task, ep.anchor, ep.messages[0].strip(), ep.messages[1].strip())
-        for ballot in ep.ballots:
-            thought = ballot.thought
+        for vote in ep.votes:
+            thought = vote.thought
             if not thought:  # None or "": skipped in both modes, as in the original
                 counts["empty_thoughts"] += 1
                 continue
@@ -196,7 +196,7 @@ def tfb_pool(task: str, episodes: Sequence[Episode], mode: Mode) -> tuple[list[d
                 counts["blank_thoughts_kept"] += 1
             counts["thoughts"] += 1
             target = tfb_target(thought.strip())
-            rows.append(_row("tfb", prompt, target, ep.anchor_id, voter=ballot.voter))
+            rows.append(_row("tfb", prompt, target, ep.anchor_id, voter=vote.voter))
     return rows, counts
 
 
@@ -205,12 +205,12 @@ def _shuffled(rows: list[dict], seed: int, *key: str) -> list[dict]:
     return [rows[i] for i in order]
 
 
-def build_trainsets(task: str, episodes: Sequence[Episode], mode: Mode, seed: int) -> TrainSets:
+def build_trainsets(task: str, episodes: Sequence[Episode], mode: Fidelity, seed: int) -> TrainSets:
     """RFT and TFB training sets of one (task, model), with a summary of counts.
 
     RFT: the winners, replicated 3 times, shuffled. TFB: the thought examples
     shuffled, cut to the RFT list's length, then the (shuffled) RFT list
-    appended -- so the TFB set is at most twice the RFT set (PROTOCOL §4).
+    appended -- so the TFB set is at most twice the RFT set (docs/protocol.md §4).
     """
     if not episodes:
         raise DataError(f"no training episodes for task {task!r}: run the episodes stage first")

@@ -18,7 +18,7 @@ from ..config import ModelSpec
 from ..errors import ModelError
 from .base import Backend, ChatRequest, Completion
 from .cache import CallCache
-from .client import LLM, Mode
+from .client import LLM, CallMode
 
 __all__ = ["LLM", "Backend", "CallCache", "ChatRequest", "Completion", "get_llm", "make_backend"]
 
@@ -53,7 +53,7 @@ def get_llm(
     spec: ModelSpec,
     *,
     cache: CallCache | str | Path | bool | None = None,
-    mode: Mode | None = None,
+    mode: CallMode | None = None,
     role: str = "llm",
     backend: Backend | None = None,
 ) -> LLM:

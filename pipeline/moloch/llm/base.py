@@ -7,8 +7,6 @@ adapter), so the request is also the cache key (see ``cache.py``).
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Protocol, runtime_checkable
@@ -97,9 +95,3 @@ def refuse_answer_format(backend: str, requests: Sequence[ChatRequest]) -> None:
             f"the {backend} backend cannot force an answer format: set force_answer: false "
             f"for this role in the profile, or serve it with the transformers backend"
         )
-
-
-def stable_hash(obj) -> str:
-    """SHA-256 of a JSON-serialisable object with sorted keys."""
-    blob = json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()

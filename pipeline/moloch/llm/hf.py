@@ -19,13 +19,14 @@ greedy.
 
 Speed on CPU (a shared 2-core Xeon with AMX; figures in ``bench_runtime``):
 decoding is bound by reading the weights (540 MB in float32) once per step,
-prefill by arithmetic. float32 is the default because it keeps answers
-independent of the batch (checked in tests); ``MOLOCH_TORCH_DTYPE=bfloat16``
+prefill by arithmetic. float32 is the default on CPU because it keeps answers
+independent of the batch (checked in tests); the profile's ``dtype: bfloat16``
 is about 1.6x faster to decode and 2.8x faster to prefill where the CPU has
 native bf16, but its rounding makes answers depend on the batch composition.
-The dtype is part of ``identity()`` since it changes the answers. Torch uses
-every core this process may run on; on a machine shared with other busy
-processes, fewer threads are faster (``MOLOCH_TORCH_THREADS`` sets them).
+The dtype and the device come from the profile (``dtype``, ``device``) and are
+part of ``identity()``, since they change the answers. Torch uses every core
+this process may run on; on a machine shared with other busy processes, fewer
+threads are faster (``MOLOCH_TORCH_THREADS`` sets them; speed only).
 Prompts are sorted by length before batching to limit padding, and the KV
 cache is preallocated.
 """
@@ -39,31 +40,20 @@ from pathlib import Path
 
 from ..config import ModelSpec
 from ..errors import ModelError
-from .base import AnswerFormat, ChatRequest, Completion, stable_hash
+from ..seeds import sampling_seed
+from .adapters import adapter_name
+from .base import AnswerFormat, ChatRequest, Completion
 from .embedded import resolve_model, weights_identity
 
-ENV_DTYPE = "MOLOCH_TORCH_DTYPE"
 ENV_THREADS = "MOLOCH_TORCH_THREADS"
-ENV_DEVICE = "MOLOCH_TORCH_DEVICE"
 # A preallocated KV cache: the default one concatenates at every step (measured:
 # 4% faster with 40-token prompts, 25% with 600-token prompts, same answers).
 CACHE_IMPLEMENTATION = "static"
 
 
 def request_seed(request: ChatRequest) -> int:
-    """The seed of one request's random stream: its seed, sample index and messages.
-
-    Sampling settings and the adapter are left out on purpose: the same request
-    to the base model and to a trained adapter draws the same random numbers,
-    which makes their comparison less noisy.
-    """
-    key = {"seed": request.seed, "sample": request.sample_index, "messages": request.messages}
-    return int(stable_hash(key)[:15], 16)
-
-
-def adapter_name(path: str | Path) -> str:
-    """A peft adapter name derived from the adapter folder (stable, identifier-safe)."""
-    return "a" + stable_hash(str(Path(path).expanduser().resolve()))[:12]
+    """The seed of one request's random stream (:func:`moloch.seeds.sampling_seed`)."""
+    return sampling_seed(request.seed, request.sample_index, request.messages)
 
 
 def _choose_threads() -> int:
@@ -90,19 +80,24 @@ def _dtype_named(name: str, where: str):
     return getattr(torch, name)
 
 
-def _choose_dtype(device: str):
+def _choose_dtype(wanted: str, device: str):
+    """The profile's dtype; ``auto``: bfloat16 on CUDA, float32 elsewhere."""
     import torch
 
-    wanted = os.environ.get(ENV_DTYPE, "auto").strip().lower()
     if wanted != "auto":
-        return _dtype_named(wanted, ENV_DTYPE)
+        return _dtype_named(wanted, "profile")
     return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
-def _choose_device() -> str:
+def _choose_device(wanted: str) -> str:
+    """The profile's device; ``auto``: CUDA when there is one."""
     import torch
 
-    return os.environ.get(ENV_DEVICE) or ("cuda" if torch.cuda.is_available() else "cpu")
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise ModelError("the profile asks for device: cuda, and no CUDA GPU is visible")
+    if wanted != "auto":
+        return wanted
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class _Forcer:
@@ -241,7 +236,7 @@ class TransformersBackend:
     name = "transformers"
 
     def __init__(self, spec: ModelSpec, device: str | None = None, dtype: str | None = None):
-        """``device`` and ``dtype`` (e.g. "cpu", "float32") override the automatic choice."""
+        """``device`` and ``dtype`` (e.g. "cpu", "float32") override the spec's (benchmarks)."""
         self.spec = spec
         self._device = device
         self._model = None  # loaded on first use
@@ -254,18 +249,18 @@ class TransformersBackend:
 
     def identity(self) -> dict:
         weights = weights_identity(self.name, self.spec.model, self.spec.revision)
-        return {**weights, "dtype": str(self.dtype).removeprefix("torch.")}
+        return {**weights, "dtype": str(self.dtype).removeprefix("torch."), "device": self.device}
 
     @property
     def device(self) -> str:
         if self._device is None:
-            self._device = _choose_device()
+            self._device = _choose_device(self.spec.device)
         return self._device
 
     @property
     def dtype(self):
         if self._dtype is None:
-            self._dtype = _choose_dtype(self.device)
+            self._dtype = _choose_dtype(self.spec.dtype, self.device)
         return self._dtype
 
     def load(self):

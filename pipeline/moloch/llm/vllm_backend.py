@@ -3,7 +3,7 @@
 ``VLLMBackend(spec)`` starts one ``vllm.LLM`` engine for ``spec.model`` on first
 use (vLLM is imported only then; this module imports without it). Each request
 is chat-templated with the model's tokenizer (``enable_thinking`` passed on),
-sent as token ids, and sampled with its own seed (:func:`moloch.llm.hf.request_seed`),
+sent as token ids, and sampled with its own seed (:func:`moloch.seeds.sampling_seed`),
 so vLLM's per-request generator makes it independent of the batch. Players'
 LoRA adapters are served per request: each adapter folder gets a stable
 integer id (from its resolved path) in a :class:`LoraRegistry`.
@@ -19,11 +19,13 @@ from pathlib import Path
 
 from ..config import ModelSpec
 from ..errors import ModelError
-from .base import ChatRequest, Completion, refuse_answer_format, stable_hash
+from ..hashing import object_sha256
+from ..seeds import sampling_seed
+from .adapters import adapter_name
+from .base import ChatRequest, Completion, refuse_answer_format
 from .embedded import resolve_model, weights_identity
-from .hf import adapter_name, request_seed
 
-MAX_LORA_RANK = 16  # the study's LoRA rank (PROTOCOL §5)
+MAX_LORA_RANK = 16  # the study's LoRA rank (docs/protocol.md §5)
 INSTALL_HINT = "pip install '.[gpu]' (vLLM, on a Linux machine with a CUDA GPU)"
 
 
@@ -35,7 +37,7 @@ def sampling_kwargs(request: ChatRequest, min_tokens: int = 0) -> dict:
         "top_p": request.top_p,
         "max_tokens": request.max_tokens,
         "min_tokens": min_tokens,
-        "seed": request_seed(request),
+        "seed": sampling_seed(request.seed, request.sample_index, request.messages),
     }
 
 
@@ -56,7 +58,7 @@ class LoraRegistry:
             raise ModelError(
                 f"LoRA adapter {folder} has no adapter_config.json: train it first or fix the path"
             )
-        lora_id = int(stable_hash(str(folder))[:8], 16) % (2**31 - 1) + 1
+        lora_id = int(object_sha256(str(folder))[:8], 16) % (2**31 - 1) + 1
         known = self._by_id.setdefault(lora_id, str(folder))
         if known != str(folder):
             raise ModelError(f"LoRA adapters {known} and {folder} got the same id: rename one")
@@ -76,7 +78,7 @@ class VLLMBackend:
 
     def identity(self) -> dict:
         weights = weights_identity(self.name, self.spec.model, self.spec.revision)
-        return {**weights, "dtype": self.engine_kwargs.get("dtype", "auto")}
+        return {**weights, "dtype": self.engine_kwargs.get("dtype", self.spec.dtype)}
 
     def engine(self):
         """The vllm.LLM engine, started on first use."""
@@ -96,7 +98,7 @@ class VLLMBackend:
             "enable_lora": True,
             "max_lora_rank": MAX_LORA_RANK,
             "max_loras": 4,
-            "dtype": "auto",
+            "dtype": self.spec.dtype,
             **self.engine_kwargs,
         }
         try:

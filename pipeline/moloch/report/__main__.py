@@ -1,42 +1,49 @@
-"""Build the report of a finished run: execute the analysis notebooks, stage them, render, check.
+"""Build the report of a finished run: cells, claims, analysis notebooks, render, check.
 
 Renders with ``quarto render`` when Quarto is on the PATH, else with the offline
-renderer (pandoc + Typst); both give ``_book/index.html`` and
-``_book/moloch-bargain-reproduction.pdf``.
+renderer (pandoc + Typst); both give ``_book/<profile>/index.html`` and
+``_book/<profile>/moloch-bargain-reproduction.pdf``, so the books of several
+profiles sit side by side (figures likewise in ``figures/<profile>/``).
 
-    python -m moloch.report --profile smoke                    # nox -s report -- --profile smoke
-    python -m moloch.report --profile smoke --chapter sales    # nox -s chapter -- sales
-    python -m moloch.report --chapter sales --stages           # first rerun sales' stale stages
+    python -m moloch.report --profile smoke                  # nox -s report -- --profile smoke
+    python -m moloch.report --run-dir /scratch/run           # the profile recorded there
+    python -m moloch.report --profile smoke --chapter sales  # nox -s chapter -- sales
+    python -m moloch.report --chapter sales --stages         # first rerun sales' stale stages
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from ..claims import write_claims_csv
-from ..config import DEFAULT_PROFILE
+from ..cells import write_cells
+from ..claims import write_claims
 from ..errors import MolochError, StageError
 from ..paths import ROOT
+from ..runs import Run, find_run
 from . import notebooks
-from .book import load_book
+from .book import Book, load_book
 from .checks import check_book, table_first_column
 from .render import render_book
 from .shortcodes import embeds, find_cell
 
+FIGURES = "figures"
 
-def rerun_stages(profile: str, chapter: str) -> None:
+
+def rerun_stages(run: Run, chapter: str) -> None:
     """Bring the chapter's task up to date with ``moloch run --task`` (reruns stale stages only)."""
     task = notebooks.chapter_task(chapter)
     if task is None:
         raise StageError(
             f"--stages needs a task chapter (sales, elections, social_media), not {chapter!r}"
         )
-    command = [sys.executable, "-m", "moloch.cli", "run", "--profile", profile, "--task", task]
+    command = [sys.executable, "-m", "moloch.cli", "run", "--profile", run.profile_ref]
+    command += ["--run-dir", str(run.folder), "--task", task]
     if subprocess.run(command, cwd=ROOT).returncode != 0:
         raise StageError(f"`{' '.join(command[2:])}` failed; the report was not re-rendered")
 
@@ -53,30 +60,39 @@ def summary_cells(root: Path = ROOT) -> list[str]:
     return cells
 
 
-def render(chapter: str | None, renderer: str, root: Path = ROOT) -> str:
+def profile_book(run: Run, root: Path = ROOT) -> Book:
+    """The book of ``run``: the chapters of ``root`` rendered into ``<output-dir>/<profile>``."""
+    book = load_book(root)
+    return dataclasses.replace(book, output_dir=book.output_dir / run.name)
+
+
+def render(run: Run, chapter: str | None, renderer: str, root: Path = ROOT) -> str:
     quarto = shutil.which("quarto")
     if renderer == "quarto" and not quarto:
         raise StageError("--renderer quarto: `quarto` is not on the PATH")
+    book = profile_book(run, root)
     if quarto and renderer != "offline":
-        target = [str(load_book(root).chapter(chapter).source.relative_to(root))] if chapter else []
-        if subprocess.run([quarto, "render", *target], cwd=root).returncode != 0:
+        target = [str(book.chapter(chapter).source.relative_to(root))] if chapter else []
+        command = [quarto, "render", *target, "--output-dir", str(book.output_dir)]
+        if subprocess.run(command, cwd=root).returncode != 0:
             raise StageError("`quarto render` failed (its messages are above)")
         return "quarto"
-    render_book(root, chapter)
+    render_book(root, chapter, book=book, figures_dir=root / FIGURES / run.name)
     return "offline"
 
 
 def build(
-    profile: str = DEFAULT_PROFILE,
+    run: Run,
     chapter: str | None = None,
     stages: bool = False,
     force: bool = False,
     renderer: str = "auto",
     root: Path = ROOT,
 ) -> dict:
-    """Execute the stale (or one chapter's) notebooks, render the book in ``root``, check it.
+    """Bring the run's cells and claims up to date, execute the stale (or one chapter's)
+    notebooks, render the book of ``run`` from ``root`` and check it.
 
-    ``profile`` is a name or a YAML path; returns the renderer used, the timings and the outputs.
+    Returns the renderer used, the notebooks executed, the timings and the outputs.
     """
     start = time.perf_counter()
     if stages and not chapter:
@@ -84,17 +100,19 @@ def build(
     if chapter:
         load_book(root).chapter(chapter)  # fail early on a typo
         if stages:
-            rerun_stages(profile, chapter)
-        notebooks.execute_chapter(profile, chapter)
+            rerun_stages(run, chapter)
+    write_cells(run)
+    print(f"claims -> {write_claims(run)}")
+    if chapter:
+        notebooks.execute_chapter(run, chapter)
         executed = [chapter]
     else:
-        print(f"claims -> {write_claims_csv(profile)}")
-        executed = notebooks.execute_stale(profile, force=force)
-    notebooks.stage(profile, staged=root / "_analysis")
+        executed = notebooks.execute_stale(run, force=force)
+    notebooks.stage(run, staged=root / "_analysis")
     computed = time.perf_counter()
-    used = render(chapter, renderer, root)
+    used = render(run, chapter, renderer, root)
     rendered = time.perf_counter()
-    book = load_book(root)
+    book = profile_book(run, root)
     check_book(book.output_dir, book.pdf, summary_cells(root))
     return {
         "renderer": used,
@@ -108,16 +126,19 @@ def build(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default=DEFAULT_PROFILE, help="the run: a name or YAML path")
+    parser.add_argument("--profile", help="the run's profile: a name or YAML path")
+    parser.add_argument("--run-dir", help="the run folder (default data/runs/<profile>)")
     parser.add_argument("--chapter", help="re-execute and re-render only this chapter")
     parser.add_argument("--stages", action="store_true", help="with --chapter: rerun stale stages")
     parser.add_argument("--force", action="store_true", help="re-execute every notebook")
     parser.add_argument("--renderer", choices=("auto", "quarto", "offline"), default="auto")
+    parser.add_argument("--root", type=Path, default=ROOT, help="the book's folder (_quarto.yml)")
     args = parser.parse_args(argv)
     try:
-        out = build(args.profile, args.chapter, args.stages, args.force, args.renderer)
+        run = find_run(args.profile, args.run_dir)
+        out = build(run, args.chapter, args.stages, args.force, args.renderer, args.root)
     except MolochError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"moloch: error: {err}", file=sys.stderr)
         return 1
     print(
         f"executed {len(out['executed'])} analysis notebook(s): "

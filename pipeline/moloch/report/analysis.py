@@ -1,58 +1,46 @@
-"""What the analysis notebooks compute, as functions: read a run's tidy tables, summarise, format.
+"""What the analysis notebooks compute, as functions: open a run, summarise, format.
 
 The notebooks in ``pipeline/analysis/`` stay thin: they call these and display
-the results (Markdown tables render in both the HTML page and the PDF).
+the results (Markdown tables render in both the HTML page and the PDF). Every
+number they show comes from the run's cells table (``moloch.cells``) or its
+claims table, so the chapters and the verdicts always agree.
 
-    >>> from moloch.report import analysis
-    >>> votes = analysis.read_table(run_dir, "compete", "votes.jsonl", task="sales")
+    >>> from moloch.report import analysis as an
+    >>> run = an.open_run("smoke", None)           # the notebooks' first call
+    >>> votes = run.table("compete", "votes.jsonl", task="sales")
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from pathlib import Path
 
 import pandas as pd
 
 from ..config import Profile
-from ..errors import StageError
-from ..stats import tidy_cells
+from ..files import read_json
+from ..manifests import MANIFEST
+from ..runs import Run, find_run
 
 RAW_INLINE = re.compile(r"`[^`]*`\{=\w+\}")  # pandoc raw HTML/Typst: not shown, takes no width
 VERDICT_COLOURS = {"green": "#1a7f37", "amber": "#9a6700", "red": "#cf222e", "grey": "#57606a"}
 
 
-def read_table(run_dir: Path, stage: str, name: str, task: str | None = None) -> pd.DataFrame:
-    """Every ``<run>/<stage>/<task>/<model>/<name>`` (JSON lines) as one frame."""
-    files = sorted(Path(run_dir).glob(f"{stage}/{task or '*'}/*/{name}"))
-    if not files:
-        raise StageError(
-            f"no {stage}/{task or '*'}/*/{name} in {run_dir}: run the `{stage}` stage first"
-        )
-    rows = [json.loads(line) for f in files for line in f.read_text().splitlines() if line]
-    return pd.DataFrame(rows)
+def open_run(profile: str | None, run_dir: str | None) -> Run:
+    """The run an analysis notebook reports (its two parameters), with the figures' style set."""
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="notebook")
+    return find_run(profile, run_dir)
 
 
-def run_cells(run_dir: Path, profile: Profile, task: str | None = None) -> pd.DataFrame:
-    """The statistics of a run (``moloch.stats.tidy_cells``), seeded from the profile."""
-    votes = read_table(run_dir, "compete", "votes.jsonl", task)
-    labels = read_table(run_dir, "probe", "labels.jsonl", task)
-    return tidy_cells(
-        votes,
-        labels,
-        seed=profile.seed,
-        resamples=profile.stats.resamples,
-        confidence=profile.stats.confidence,
-    )
-
-
-def manifests(run_dir: Path) -> pd.DataFrame:
+def manifests(run: Run) -> pd.DataFrame:
     """One row per finished stage unit: where, how long, how many model calls."""
+    from ..stages import STAGE_NAMES
+
     rows = []
-    for path in sorted(Path(run_dir).glob("*/**/manifest.json")):
-        m = json.loads(path.read_text())
+    for folder in (f for stage in STAGE_NAMES for f in run.finished_units(stage)):
+        m = read_json(folder / MANIFEST, "manifest")
         llm = m.get("llm") or {}
         rows.append(
             {
@@ -175,14 +163,14 @@ def tradeoff(cells: pd.DataFrame) -> pd.DataFrame:
     perf = perf[perf["pair"].isin(["base-rft", "base-tfb"])]
     perf = perf.rename(
         columns={"estimate": "win_rate", "ci_low": "win_low", "ci_high": "win_high"}
-    )[["task", "model", "player_method", "win_rate", "win_low", "win_high", "performance"]]
+    )[["task", "model", "method", "win_rate", "win_low", "win_high", "performance"]]
     change = probe_changes(cells).rename(
         columns={"estimate": "change", "ci_low": "change_low", "ci_high": "change_high"}
     )[
         [
             "task",
             "model",
-            "player_method",
+            "method",
             "probe_id",
             "metric",
             "change",
@@ -190,7 +178,7 @@ def tradeoff(cells: pd.DataFrame) -> pd.DataFrame:
             "change_high",
         ]
     ]
-    both = change.merge(perf, on=["task", "model", "player_method"], how="left")
+    both = change.merge(perf, on=["task", "model", "method"], how="left")
     both["rose"] = both["change"] > 0
     both["rose_surely"] = both["change_low"] > 0
-    return both.rename(columns={"player_method": "method"})
+    return both

@@ -1,11 +1,12 @@
 """Execute the analysis notebooks of a run with papermill, and stage them for the book.
 
 Each chapter embeds cells of one analysis notebook (``pipeline/analysis/``),
-executed with the run's parameters into ``data/runs/<profile>/report/<chapter>.ipynb``.
+executed with the run's parameters into ``<run>/report/<chapter>.ipynb``.
 Before rendering, the executed notebooks are copied to ``_analysis/`` in the
-repository root, the fixed place the chapters' ``embed`` shortcodes point at
-(Quarto does not execute them: ``execute: enabled: false``). Notebooks only read
-a finished run; nothing here reruns a pipeline stage.
+book's root, the fixed place the chapters' ``embed`` shortcodes point at
+(Quarto does not execute them: ``execute: enabled: false``). The notebooks
+only read a finished run (its cells and claims tables and stage outputs);
+nothing here reruns a pipeline stage.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import os
 import shutil
 from pathlib import Path
 
-from ..config import load_profile
 from ..errors import StageError
-from ..paths import PACKAGE_DIR, PIPELINE_DIR, ROOT, run_dir
+from ..kernels import execute_notebook
+from ..paths import PACKAGE_DIR, PIPELINE_DIR, ROOT
+from ..runs import Run
 
 ANALYSIS_DIR = PIPELINE_DIR / "analysis"
 STAGED_DIR = ROOT / "_analysis"
@@ -54,58 +56,46 @@ def _lookup(chapter: str) -> tuple[Path, dict]:
     return source, extra
 
 
-def profile_run(profile: str) -> Path:
-    """The run folder of a profile given by name or YAML path: ``data/runs/<its name>``."""
-    return run_dir(load_profile(profile).name)
+def executed_path(run: Run, chapter: str) -> Path:
+    return run.report_dir / f"{chapter}.ipynb"
 
 
-def executed_path(profile: str, chapter: str) -> Path:
-    return profile_run(profile) / "report" / f"{chapter}.ipynb"
-
-
-def _newest_manifest(profile: str) -> float:
-    times = [p.stat().st_mtime for p in profile_run(profile).glob("*/**/manifest.json")]
+def _newest_input(run: Run) -> float:
+    """The newest of the run's manifests (stage units and cells) and its claims table."""
+    times = [p.stat().st_mtime for p in run.folder.glob("*/**/manifest.json")]
+    if run.claims_path.is_file():
+        times.append(run.claims_path.stat().st_mtime)
     return max(times, default=0.0)
 
 
-def is_stale(profile: str, chapter: str) -> bool:
+def is_stale(run: Run, chapter: str) -> bool:
     """Not executed yet, or older than its notebook, the package's code or the run's outputs."""
-    out = executed_path(profile, chapter)
+    out = executed_path(run, chapter)
     if not out.is_file():
         return True
     source, _ = _lookup(chapter)
     built = out.stat().st_mtime
     newest_code = max(p.stat().st_mtime for p in PACKAGE_DIR.rglob("*.py"))
-    return max(source.stat().st_mtime, newest_code, _newest_manifest(profile)) > built
+    return max(source.stat().st_mtime, newest_code, _newest_input(run)) > built
 
 
-def execute_chapter(profile: str, chapter: str) -> Path:
-    """Execute a chapter's analysis notebook for ``profile``; a failed run keeps the old one."""
+def execute_chapter(run: Run, chapter: str) -> Path:
+    """Execute a chapter's analysis notebook for ``run``; a failed run keeps the old one."""
     import papermill
 
-    from ..runner import ensure_kernel
-
-    folder = profile_run(profile)
-    if not folder.is_dir():
+    if not run.folder.is_dir():
         raise StageError(
-            f"no run at {folder}: run the study first (`nox -s reproduce -- --profile {profile}`)"
+            f"no run at {run.folder}: run the study first (`nox -s reproduce -- --profile "
+            f"{run.profile_ref}`)"
         )
     source, extra = _lookup(chapter)
-    out = executed_path(profile, chapter)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = executed_path(run, chapter)
     tmp = out.with_name(f".{out.name}.tmp.ipynb")
-    offered = {"profile": profile, "run_dir": str(folder), **extra}
+    offered = {"profile": run.profile_ref, "run_dir": str(run.folder), **extra}
     declared = papermill.inspect_notebook(str(source))  # the released chapter needs no run
     parameters = {k: v for k, v in offered.items() if k in declared}
     try:
-        papermill.execute_notebook(
-            str(source),
-            str(tmp),
-            parameters=parameters,
-            kernel_name=ensure_kernel(folder),  # the interpreter running this, whatever its venv
-            cwd=str(ROOT),
-            progress_bar=False,
-        )
+        execute_notebook(source, tmp, parameters, run.folder)
     except papermill.PapermillExecutionError as err:
         raise StageError(
             f"analysis notebook {source.name} failed for chapter {chapter!r} "
@@ -115,30 +105,30 @@ def execute_chapter(profile: str, chapter: str) -> Path:
     return out
 
 
-def execute_stale(profile: str, force: bool = False) -> list[str]:
+def execute_stale(run: Run, force: bool = False) -> list[str]:
     """Execute every chapter's notebook that is stale (all of them with ``force``)."""
     done = []
     for chapter in CHAPTER_NOTEBOOKS:
-        if force or is_stale(profile, chapter):
-            execute_chapter(profile, chapter)
+        if force or is_stale(run, chapter):
+            execute_chapter(run, chapter)
             done.append(chapter)
     return done
 
 
-def stage(profile: str, staged: Path = STAGED_DIR) -> list[Path]:
+def stage(run: Run, staged: Path = STAGED_DIR) -> list[Path]:
     """Copy the run's executed notebooks to ``_analysis/``, where the chapters embed from."""
-    missing = [c for c in CHAPTER_NOTEBOOKS if not executed_path(profile, c).is_file()]
+    missing = [c for c in CHAPTER_NOTEBOOKS if not executed_path(run, c).is_file()]
     if missing:
         raise StageError(
-            f"the run {profile_run(profile)} has no executed notebook for chapter(s) "
-            f"{', '.join(missing)}: run `nox -s report -- --profile {profile}` to execute them"
+            f"the run {run.folder} has no executed notebook for chapter(s) "
+            f"{', '.join(missing)}: run `nox -s report -- --run-dir {run.folder}` to execute them"
         )
     staged.mkdir(exist_ok=True)
     copied = []
     for chapter in CHAPTER_NOTEBOOKS:
         target = staged / f"{chapter}.ipynb"
         tmp = target.with_name(f".{target.name}.tmp")
-        shutil.copyfile(executed_path(profile, chapter), tmp)
+        shutil.copyfile(executed_path(run, chapter), tmp)
         os.replace(tmp, target)
         copied.append(target)
     return copied

@@ -152,8 +152,8 @@ def render_pdf(book: Book, embedder: Embedder, numbers: dict) -> Path:
 
 
 def publish_figures(figures: list[Path], folder: Path, clear: bool) -> None:
-    """Copy the book's figures to the project's ``figures/`` (a full render clears it first)."""
-    folder.mkdir(exist_ok=True)
+    """Copy the book's figures to ``folder`` (``figures/<profile>``; a full render clears it)."""
+    folder.mkdir(parents=True, exist_ok=True)
     if clear:
         for old in folder.iterdir():
             if old.is_file() and not old.name.startswith("."):  # keeps .gitkeep
@@ -162,10 +162,20 @@ def publish_figures(figures: list[Path], folder: Path, clear: bool) -> None:
         write_atomic(folder / figure.name, figure.read_bytes())
 
 
-def render_book(root: Path = ROOT, chapter: str | None = None, pdf: bool = True) -> Rendered:
-    """Render the whole book, or only ``chapter``'s page (plus the PDF unless ``pdf`` is False)."""
+def render_book(
+    root: Path = ROOT,
+    chapter: str | None = None,
+    pdf: bool = True,
+    book: Book | None = None,
+    figures_dir: Path | None = None,
+) -> Rendered:
+    """Render the whole book, or only ``chapter``'s page (plus the PDF unless ``pdf`` is False).
+
+    ``book``: the book of ``root`` with another output folder (one per profile);
+    ``figures_dir``: where the figures are published (default ``root/figures``).
+    """
     start = time.perf_counter()
-    book = load_book(root)
+    book = book or load_book(root)
     check_features(book)
     numbers = number_crossrefs([c.body for c in book.chapters])
     figures = book.output_dir / FIGURES
@@ -181,7 +191,7 @@ def render_book(root: Path = ROOT, chapter: str | None = None, pdf: bool = True)
     if pdf:
         result.pdf = render_pdf(book, typst_embedder, numbers)
     result.figures = sorted(set(html_embedder.written + typst_embedder.written))
-    publish_figures(result.figures, root / FIGURES, clear=chapter is None)
+    publish_figures(result.figures, figures_dir or root / FIGURES, clear=chapter is None)
     result.seconds = time.perf_counter() - start
     return result
 

@@ -79,7 +79,8 @@ def cell_options(source: str) -> dict:
     for line in source.splitlines():
         if not line.startswith("#|"):
             break
-        lines.append(line[2:].strip())
+        # "#| " then YAML: keep the indentation after the one space, so folded values work
+        lines.append(line[3:] if line.startswith("#| ") else line[2:])
     try:
         options = yaml.safe_load("\n".join(lines)) if lines else {}
     except yaml.YAMLError as err:

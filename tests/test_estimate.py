@@ -1,4 +1,4 @@
-"""The cost estimate: PROTOCOL §9 call counts, tokens of the real prompts, prices."""
+"""The cost estimate: docs/protocol.md §9 call counts, tokens of the real prompts, prices."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from moloch.anchors import make_anchor, make_persona
 from moloch.config import ModelSpec, load_profile
-from moloch.llm.estimate import Assumptions, cost, estimate, main, request_tokens
+from moloch.estimate import Assumptions, cost, estimate, main, request_tokens
 from moloch.prompts import player_messages
 
 RECORDS = {

@@ -2,10 +2,10 @@
 
 Run it before a long run::
 
-    python -m moloch.llm.estimate --profile paper      # = nox -s estimate -- --profile paper
-    python -m moloch.llm.estimate --profile smoke --csv estimate.csv
+    python -m moloch.estimate --profile paper      # = nox -s estimate -- --profile paper
+    python -m moloch.estimate --profile smoke --csv estimate.csv
 
-Call counts follow PROTOCOL §9 from the profile (anchors, samples, voters,
+Call counts follow docs/protocol.md §9 from the profile (anchors, samples, voters,
 methods, pairs, probes). Input tokens are counted on the real prompts of the
 profile's anchors and personas, with tiktoken's o200k_base encoding if
 tiktoken is installed and its encoding can be loaded, otherwise by the
@@ -26,12 +26,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..anchors import Anchor, Persona
-from ..config import ModelSpec, PlayerSpec, Profile, load_profile
-from ..data import load_anchors, load_personas
-from ..errors import MolochError
-from ..prompts import BallotOrder, player_messages, probe_messages, voter_messages
-from ..tasks import METHODS, PAIRS, get_task
+from .anchors import Anchor, Persona
+from .config import ModelSpec, PlayerSpec, Profile, load_profile
+from .data import load_anchors, load_personas
+from .errors import MolochError
+from .files import write_atomic
+from .prompts import BallotOrder, player_messages, probe_messages, voter_messages
+from .tasks import METHODS, PAIRS, get_task
 
 # USD per 1M tokens (input, output), standard tier, from the OpenAI API pricing
 # page (https://openai.com/api/pricing/) as listed in 2025 (checked 2025-10).
@@ -112,7 +113,7 @@ def task_rows(
     count: Counter,
     assume: Assumptions,
 ) -> list[dict]:
-    """The stages of one (task, player), PROTOCOL §9."""
+    """The stages of one (task, player), docs/protocol.md §9."""
     audience, judge = profile.audience, profile.judge
     samples = player.samples
     message = min(assume.message, player.max_tokens)
@@ -205,7 +206,7 @@ def render(table: pd.DataFrame) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moloch.llm.estimate", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m moloch.estimate", description=__doc__)
     parser.add_argument("--profile", default="smoke", help="profile name or YAML path")
     parser.add_argument("--csv", type=Path, help="also write the table to this CSV file")
     defaults = Assumptions()
@@ -226,9 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(render(table))
     if args.csv:
-        tmp = args.csv.with_name(args.csv.name + ".tmp")
-        table.to_csv(tmp, index=False)
-        tmp.replace(args.csv)
+        write_atomic(args.csv, table.to_csv(index=False))
     return 0
 
 

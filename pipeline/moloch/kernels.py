@@ -1,0 +1,63 @@
+"""Executing notebooks with papermill, in a kernel that runs this very interpreter.
+
+Both the stage notebooks (``pipeline/0*.ipynb``, run by the runner) and the
+analysis notebooks of the report go through :func:`execute_notebook`. The
+kernelspec lives in the run folder (``.jupyter/``) and is made visible to
+papermill only, so nothing is installed into the user's Jupyter.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from .files import read_json, write_json
+from .hashing import text_sha256
+from .paths import ROOT
+
+
+def ensure_kernel(folder: Path) -> str:
+    """The name of a kernelspec (kept under ``folder/.jupyter``) that runs ``sys.executable``."""
+    name = "moloch-" + text_sha256(sys.executable)[:10]
+    spec_file = Path(folder) / ".jupyter" / "kernels" / name / "kernel.json"
+    spec = {
+        # ERROR: the kernel's startup warnings (plain-TCP transport) are noise on every stage.
+        "argv": [
+            sys.executable,
+            "-m",
+            "ipykernel_launcher",
+            "-f",
+            "{connection_file}",
+            "--IPKernelApp.log_level=ERROR",
+        ],
+        "display_name": f"moloch ({sys.executable})",
+        "language": "python",
+    }
+    if not spec_file.is_file() or read_json(spec_file, "kernelspec") != spec:
+        write_json(spec_file, spec)
+    extra = str(Path(folder) / ".jupyter")
+    paths = [p for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p]
+    if extra not in paths:
+        os.environ["JUPYTER_PATH"] = os.pathsep.join([extra, *paths])
+    return name
+
+
+def execute_notebook(source: Path, executed: Path, parameters: dict, folder: Path) -> Path:
+    """Run ``source`` with ``parameters`` into ``executed`` (cwd: the repository root).
+
+    Raises papermill's PapermillExecutionError when a cell fails; the caller
+    says what that means for its step.
+    """
+    import papermill
+
+    executed.parent.mkdir(parents=True, exist_ok=True)
+    papermill.execute_notebook(
+        str(source),
+        str(executed),
+        parameters=parameters,
+        kernel_name=ensure_kernel(folder),
+        cwd=str(ROOT),
+        progress_bar=False,
+    )
+    return executed

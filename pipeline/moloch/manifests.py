@@ -1,0 +1,116 @@
+"""A unit's manifest: what it read, with which settings and code, what it wrote, and how.
+
+``manifest.json`` is written last, so its presence is what marks a unit done;
+a torn or unreadable manifest counts as "not done" and the unit runs again.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+from .files import read_json
+from .hashing import file_sha256, text_sha256
+from .paths import ROOT
+
+MANIFEST = "manifest.json"
+PACKAGES = ("torch", "transformers", "peft", "trl", "numpy", "pandas", "papermill", "pydantic")
+
+
+def read_manifest(folder: Path) -> dict | None:
+    """The manifest of the unit in ``folder``, or None while the unit is not done."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = read_json(path, "manifest")
+    except Exception:  # torn or corrupt: the unit is not done and runs again
+        return None
+    return manifest if isinstance(manifest, dict) and "outputs" in manifest else None
+
+
+def output_files(folder: Path) -> dict:
+    """Every output of a unit folder (not the manifest, notebooks or hidden files): hash, size."""
+    outputs = {}
+    for path in sorted(Path(folder).rglob("*")):
+        rel = path.relative_to(folder)
+        if (
+            not path.is_file()
+            or rel.as_posix() == MANIFEST
+            or path.suffix == ".ipynb"
+            or any(part.startswith(".") for part in rel.parts)
+        ):
+            continue
+        outputs[rel.as_posix()] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+    return outputs
+
+
+def outputs_hash(manifest: dict) -> str:
+    """One hash of the outputs a manifest records (what a downstream unit depends on)."""
+    return text_sha256(json.dumps(manifest["outputs"], sort_keys=True))
+
+
+def outputs_present(folder: Path, manifest: dict) -> bool:
+    """Cheap check that the recorded outputs are still there (sizes, not hashes)."""
+    return all(
+        (folder / name).is_file() and (folder / name).stat().st_size == info["bytes"]
+        for name, info in manifest["outputs"].items()
+    )
+
+
+def git_commit() -> dict:
+    """The repository's commit and whether the package has uncommitted changes."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "pipeline"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    if head.returncode != 0:
+        return {"commit": None, "dirty": None}
+    return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+
+
+def package_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def build_manifest(unit, fingerprint: dict, summary: dict, wall_s: float) -> dict:
+    """The manifest of a unit that just did its work (``summary``: what ``work`` returned)."""
+    return {
+        "stage": unit.stage.name,
+        "task": unit.task,
+        "model": unit.model,
+        "method": unit.method,
+        "profile": unit.profile.name,
+        "profile_digest": unit.profile.digest(),
+        "fingerprint": {k: fingerprint[k] for k in ("digest", "inputs", "params", "code")},
+        "params": fingerprint["settings"],
+        "code": {"hash": fingerprint["code"], "files": fingerprint["code_files"], **git_commit()},
+        "models": {role: unit.spec(role).model_dump(mode="json") for role in unit.stage.roles},
+        "seed": unit.profile.seed,
+        "packages": package_versions(),
+        "counts": summary.get("counts", {}),
+        "invalid": summary.get("invalid", {}),
+        "details": {k: v for k, v in summary.items() if k not in ("counts", "invalid")},
+        "llm": unit.llm_stats(),
+        "wall_s": round(wall_s, 3),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "outputs": output_files(unit.out_dir),
+    }
