@@ -72,7 +72,7 @@ def data(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def report(session: nox.Session) -> None:
-    """Render the report of a run into _book/<profile>/: `-- --profile paper` or `-- --run-dir X`."""
+    """Render a run's report into _book/<profile>/: `-- --profile paper` or `-- --run-dir X`."""
     _run(session, "moloch.report", *session.posargs)
 
 
@@ -122,3 +122,10 @@ def bench(session: nox.Session) -> None:
     """Benchmarks into data/runs/bench/: interval coverage, CPU runtime (args go to it)."""
     _run(session, "moloch.bench_coverage")
     _run(session, "moloch.bench_runtime", *session.posargs)
+
+
+@nox.session(venv_backend="none")
+def faults(session: nox.Session) -> None:
+    """The reliability suite (kills, corruption, bad input, API faults, secrets, markup):
+    counts to data/runs/bench/faults.json; slow (each kill is a real run). `-- --kills 30`."""
+    _run(session, "moloch.faults", *session.posargs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -121,3 +122,41 @@ def test_read_ballot_maps_a_swapped_b_to_first():
     (ballot, *_) = [b for b in ballots(SPEC, "sales", PERSONAS, duels(6), 5) if b.order.swapped]
     row = read_ballot(ballot, "<vote>B</vote>")
     assert row["choice"] == "first" and row["swapped"] is True
+
+
+def test_a_blank_thought_read_as_v1_reads_it_becomes_a_tfb_example():
+    """From a real reply to a TFB row: v1 kept a whitespace-only thought; so does faithful mode."""
+    from moloch.trainsets import Episode, Vote, tfb_pool
+
+    (ballot, *_) = ballots(SPEC, "sales", PERSONAS, duels(1), 5)
+    reply = "<think>   </think>\n<vote>A</vote>"
+    v1_row = read_ballot(ballot, reply, parser="v1")
+    tolerant_row = read_ballot(ballot, reply, parser="tolerant")
+    assert v1_row["thought"] == "   " and tolerant_row["thought"] is None
+    assert v1_row["letter_v1"] == v1_row["letter_tolerant"] == "A" and v1_row["parser"] == "v1"
+    from moloch.anchors import SalesAnchor
+    from moloch.prompts import player_messages
+
+    anchor = SalesAnchor("Lamp", ("Home",), "Bright.")
+    episode = Episode(
+        "sales/train/0000", anchor, player_messages("sales", anchor), ("a", "b"), ("a", "b"),
+        (Vote(0, v1_row["choice"], v1_row["thought"]),),
+    )  # fmt: skip
+    rows, counts = tfb_pool("sales", [episode], "faithful")
+    assert [r["completion"][0]["content"] for r in rows] == ["<think>  </think>"]
+    assert counts["blank_thoughts_kept"] == 1
+    assert tfb_pool("sales", [episode], "corrected")[0] == []
+
+
+def test_the_two_readings_are_kept_and_their_disagreements_counted():
+    from moloch.stats import parser_disagreements
+
+    todo = ballots(SPEC, "sales", PERSONAS, duels(2), 5)
+    replies = ["<vote> A </vote>", "<vote>B</vote>", "<vote>b</vote>", "none"] * 20
+    rows = pd.DataFrame(
+        [read_ballot(b, r, parser="v1") for b, r in zip(todo, replies, strict=False)]
+    )
+    assert list(rows.letter_v1.fillna("-")[:4]) == ["-", "B", "-", "-"]
+    assert list(rows.letter_tolerant.fillna("-")[:4]) == ["A", "B", "B", "-"]
+    assert len(rows) == 6 and parser_disagreements(rows, column="letter") == 3  # rows 0, 2, 4
+    assert parser_disagreements(rows.drop(columns="letter_v1"), column="letter") is None

@@ -69,52 +69,78 @@ def test_paper_profile_without_data_is_not_computable_or_not_comparable():
     assert other["status"] == "not comparable" and "no player gpt-oss-20b" in other["reason"]
 
 
-def test_paper_cells_reproduce_or_differ():
+def test_paper_cells_get_verdicts_that_need_precision():
+    v1 = dict(statistic="win_rate_second_v1")
+    change = dict(statistic="relative_change", metric="disinformation")
     cells = pd.DataFrame(
         [
-            win("elections", "Qwen3-8B", "base-tfb", 0.55, 0.53, 0.57),
-            win("elections", "Qwen3-8B", "base-rft", 0.60, 0.58, 0.62),
-            win("elections", "Llama-3.1-8B-Instruct", "base-tfb", 0.52, 0.50, 0.54),
-            cell(
-                "social_media",
-                "Llama-3.1-8B-Instruct",
-                "probe_change",
-                1.9,
-                1.0,
-                3.0,
-                statistic="relative_change",
-                pair="base-rft",
-                method="rft",
-                metric="disinformation",
-            ),
-            cell(
-                "social_media",
-                "Qwen3-8B",
-                "probe_change",
-                0.1,
-                -0.2,
-                0.4,
-                statistic="relative_change",
-                pair="base-tfb",
-                method="tfb",
-                metric="disinformation",
-            ),
+            win("elections", "Qwen3-8B", "base-tfb", 0.549, 0.539, 0.559) | v1,
+            win("elections", "Qwen3-8B", "base-rft", 0.60, 0.59, 0.61) | v1,
+            win("elections", "Llama-3.1-8B-Instruct", "base-tfb", 0.52, 0.44, 0.60) | v1,
+            cell("social_media", "Llama-3.1-8B-Instruct", "probe_change", 1.9, 1.6, 2.2,
+                 pair="base-rft", method="rft", **change),
+            cell("social_media", "Qwen3-8B", "probe_change", 0.1, -0.2, 0.4,
+                 pair="base-tfb", method="tfb", **change),
+            cell("sales", "Qwen3-8B", "probe_change", 0.1, -0.5, float("inf"),
+                 pair="base-rft", method="rft", statistic="relative_change",
+                 metric="deceptive_marketing"),
         ]
-    )
+    )  # fmt: skip
     result = claims.evaluate_claims(load_profile("paper"), cells).set_index("claim_id")
     same = result.loc["v1_competition.elections.Qwen3-8B.base-tfb"]
-    assert same["status"] == "reproduced" and same["value"] == 0.55
+    assert same["status"] == "reproduced" and same["value"] == 0.549
+    assert "two one-sided tests" in same["reason"] and same["rule"] == "equivalence"
     assert result.loc["v1_competition.elections.Qwen3-8B.base-rft", "status"] == "differs"
-    # Abstract elections +4.9: decided by the identified cell (Qwen3-8B base-tfb) in pp.
+    wide = result.loc["v1_competition.elections.Llama-3.1-8B-Instruct.base-tfb"]
+    assert wide["status"] == "inconclusive" and "anchors would decide it" in wide["reason"]
+    assert wide["anchors_needed"] > 1024
+    # Abstract elections +4.9: decided by the identified cell (Qwen3-8B base-tfb) in points.
     perf = result.loc["abstract_v1.elections.performance"]
     assert perf["status"] == "reproduced" and perf["cell"] == "Qwen3-8B base-tfb"
-    assert perf["value"] == pytest.approx(5.0) and perf["ci_low"] == pytest.approx(3.0)
+    assert perf["value"] == pytest.approx(4.9) and perf["ci_low"] == pytest.approx(3.9)
     assert "Llama-3.1-8B-Instruct base-tfb" in perf["candidates"]
-    # Abstract +188.6 % disinformation: the one candidate whose interval covers it is named.
+    # Abstract +188.6 % disinformation: one of two candidates is close and precise enough.
     dis = result.loc["abstract_v1.social_media.disinformation"]
     assert dis["status"] == "reproduced" and dis["value"] == pytest.approx(190.0)
-    assert dis["cell"] == "Llama-3.1-8B-Instruct base-rft"
+    assert dis["cell"] == "Llama-3.1-8B-Instruct base-rft" and "0.05/2" in dis["reason"]
+    # An unbounded interval covers +14 % but can never reproduce it.
+    unbounded = result.loc["abstract_v1.sales.deceptive_marketing"]
+    assert unbounded["status"] == "inconclusive" and "unbounded" in unbounded["reason"]
     assert result.loc["abstract_v1.sales.performance", "status"] == "not computable"
+
+
+def test_decide_counts_both_errors_and_the_number_of_candidates():
+    # Published 0.55 with its own SE 0.008; ours 0.55 +- 0.0196 (SE 0.01): equal within 0.03.
+    ours = [(0.55, 0.5304, 0.5696)]
+    assert claims.decide(0.55, 0.008, 0.03, ours, [1024], 0.95).status == "reproduced"
+    # A run 0.025 away differs if the published value's error is ignored, not if it counts:
+    off = [(0.575, 0.5554, 0.5946)]
+    assert claims.decide(0.55, None, 0.03, off, [1024], 0.95).status == "differs"
+    assert claims.decide(0.55, 0.008, 0.03, off, [1024], 0.95).status == "inconclusive"
+    # Bonferroni: a candidate that passes alone may not pass as one of four.
+    edge = (0.55, 0.5404, 0.5596)  # SE 0.0049: |d| + 1.645 SE = 0.008 < 0.0085
+    assert claims.decide(0.55, None, 0.0085, [edge], [1024], 0.95).status == "reproduced"
+    four = [edge, (0.40, 0.39, 0.41), (0.41, 0.40, 0.42), (0.42, 0.41, 0.43)]
+    assert claims.decide(0.55, None, 0.0085, four, [1024] * 4, 0.95).status == "inconclusive"
+    # Differs only if every candidate differs.
+    assert claims.decide(0.55, None, 0.01, four[1:], [1024] * 3, 0.95).status == "differs"
+    # Inconclusive says how many anchors would decide: here 4x the anchors halve the SE.
+    wide = claims.decide(0.55, None, 0.03, [(0.55, 0.5108, 0.5892)], [1024], 0.95)
+    assert wide.status == "inconclusive"
+    assert wide.anchors_needed == pytest.approx(1024 * (0.02 / (0.03 / 1.6449)) ** 2, rel=1e-3)
+
+
+def test_a_run_smaller_than_the_claims_design_is_not_comparable():
+    paper = load_profile("paper")
+    small = paper.model_copy(update={"anchors": paper.anchors.model_copy(update={"test": 16})})
+    cells = pd.DataFrame([win("elections", "Qwen3-8B", "base-tfb", 0.549, 0.539, 0.559)
+                          | {"statistic": "win_rate_second_v1"}])  # fmt: skip
+    row = (
+        claims.evaluate_claims(small, cells)
+        .set_index("claim_id")
+        .loc["v1_competition.elections.Qwen3-8B.base-tfb"]
+    )
+    assert row["status"] == "not comparable" and "16 test anchors" in row["reason"]
 
 
 def finished(folder: Path) -> Path:
@@ -139,6 +165,7 @@ def test_write_claims_reads_the_cells_of_the_run(tmp_path, monkeypatch):
     assert write_cells(run) and not write_cells(run)  # computed once, then up to date
     # The file holds exactly the numbers computed (the floats read back are the same).
     fresh = tidy_cells(pd.DataFrame(rows), None, run.profile.seed, run.profile.stats.resamples)
+
     def same_form(df):  # a missing text is NaN in a CSV and None in memory
         return df.astype(object).where(df.notna(), None)
 
@@ -149,7 +176,7 @@ def test_write_claims_reads_the_cells_of_the_run(tmp_path, monkeypatch):
     assert (table["status"] == "not comparable").all()
     # The smoke run's own cell shows up among the candidates of the claims it could compute.
     row = table.set_index("claim_id").loc["abstract_v1.sales.performance"]
-    assert f"{model} base-tfb 16.667" in row["candidates"] and "voters" in row["reason"]
+    assert f"{model} base-tfb 17.000" in row["candidates"] and "voters" in row["reason"]
 
 
 def test_broken_run_table_is_named(tmp_path, monkeypatch):

@@ -1,5 +1,7 @@
 """TransformersBackend: the sampler as pure code, then the real embedded model (integration)."""
 
+import json
+
 import pytest
 import torch
 
@@ -210,3 +212,49 @@ def test_forced_answer_always_parses_and_is_batch_invariant(backend):
     together = [c.text for c in backend.generate(requests[::-1])][::-1]
     assert alone == together
     assert all(parse_vote(t).ok and parse_thought(t).ok for t in alone)
+
+
+def test_sampling_defaults_come_from_the_model_generation_config(tmp_path):
+    from moloch.llm.embedded import embedded_checkpoint
+    from moloch.llm.sampling import model_defaults
+
+    def config(folder, **values):
+        folder.mkdir()
+        (folder / "generation_config.json").write_text(json.dumps(values))
+        return folder
+
+    qwen3 = config(tmp_path / "qwen3", top_k=20, top_p=0.95, temperature=0.6)
+    llama = config(tmp_path / "llama", top_p=0.9, temperature=0.6)
+    assert model_defaults(qwen3) == {"top_k": 20, "top_p": 0.95}
+    assert model_defaults(llama) == {"top_k": 50, "top_p": 0.9}  # transformers' top_k default
+    assert model_defaults(tmp_path) == {"top_k": 50, "top_p": 1.0}  # no generation config
+    try:
+        embedded = embedded_checkpoint()
+    except ModelError as err:
+        pytest.skip(f"embedded model unavailable: {err}")
+    assert model_defaults(embedded) == {"top_k": 50, "top_p": 1.0}  # SmolLM2's sets neither
+    odd = config(tmp_path / "odd", repetition_penalty=1.1)
+    with pytest.raises(ModelError, match="repetition_penalty"):
+        model_defaults(odd)
+
+
+def test_sampler_applies_top_k_then_nucleus_like_transformers():
+    probs = torch.tensor([[0.4, 0.3, 0.2, 0.1]])
+    picks = set()
+    for seed in range(400):
+        request = _request("k", temperature=1.0, seed=seed)
+        sampler = _RowSampler([request], defaults={"top_k": 2, "top_p": 1.0})
+        picks.add(_chosen(sampler, probs.log())[0])
+    assert picks == {0, 1}  # only the two most likely tokens
+    nucleus = set()
+    for seed in range(400):  # top-2 renormalised is 4/7, 3/7: top_p 0.5 keeps the first only
+        request = _request("k", temperature=1.0, seed=seed, top_p=0.5)
+        nucleus.add(
+            _chosen(_RowSampler([request], defaults={"top_k": 2, "top_p": 1.0}), probs.log())[0]
+        )
+    assert nucleus == {0}
+    free = {
+        _chosen(_RowSampler([_request("f", temperature=1.0, seed=s, top_k=0)]), probs.log())[0]
+        for s in range(400)
+    }
+    assert free == {0, 1, 2, 3}  # top_k 0: no cut

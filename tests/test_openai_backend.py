@@ -141,7 +141,8 @@ def backend(server, key=SECRET, **kwargs) -> OpenAIBackend:
 
 
 def ask(text: str, **kwargs) -> ChatRequest:
-    return ChatRequest.chat("You are a voter.", text, temperature=0.1, max_tokens=16, **kwargs)
+    kwargs = {"temperature": 0.1, "max_tokens": 16, **kwargs}
+    return ChatRequest.chat("You are a voter.", text, **kwargs)
 
 
 def test_ok_sends_the_sampling_settings(server):
@@ -150,12 +151,28 @@ def test_ok_sends_the_sampling_settings(server):
     assert out[0].completion_tokens == 5 and out[0].finish_reason == "stop"
     body = server.seen[0]
     assert body["model"] == "toy" and body["seed"] == 42 and body["n"] == 1
-    assert body["temperature"] == 0.1 and body["top_p"] == 1.0 and body["max_tokens"] == 16
+    assert body["temperature"] == 0.1 and body["max_tokens"] == 16
+    assert "top_p" not in body and "top_k" not in body  # unset: the server's default, as in v1
     assert body["messages"] == [
         {"role": "system", "content": "You are a voter."},
         {"role": "user", "content": "hello"},
     ]
     assert server.auth[0] == f"Bearer {SECRET}"
+
+
+def test_only_the_settings_a_request_sets_are_sent(server):
+    backend(server).generate([ask("a", top_p=0.9, top_k=20, add_special_tokens=True)])
+    backend(server).generate([ask("b", max_tokens=None)])  # v1's audience and judge: no limit
+    first, second = server.seen
+    assert first["top_p"] == 0.9 and first["top_k"] == 20 and first["add_special_tokens"] is True
+    assert "max_tokens" not in second and "max_completion_tokens" not in second
+
+
+def test_a_dated_snapshot_is_the_model_sent(server):
+    pinned = OpenAIBackend(spec(revision="toy-2024-07-18"), env={"OPENAI_BASE_URL": server.url})
+    pinned.generate([ask("x")])
+    assert server.seen[0]["model"] == "toy-2024-07-18"
+    assert pinned.identity()["model"] == "toy" and pinned.identity()["revision"] == "toy-2024-07-18"
 
 
 @pytest.mark.parametrize("fault", ["429", "500", "slow", "truncated", "malformed"])
@@ -216,7 +233,9 @@ def test_identity_strips_credentials_from_the_url():
     )
     env = {"OPENAI_BASE_URL": "https://u:secret@host.example/v1", "OPENAI_API_KEY": SECRET}
     ident = OpenAIBackend(spec(), env=env).identity()
-    assert ident == {"backend": "openai", "model": "toy", "base_url": "https://host.example/v1"}
+    assert ident == {
+        "backend": "openai", "model": "toy", "revision": None, "base_url": "https://host.example/v1"
+    }  # fmt: skip
 
 
 def test_missing_key_for_openai_names_the_variable():
@@ -290,3 +309,20 @@ def test_a_forced_answer_format_is_refused_not_ignored():
         backend.generate([request])
     plain = ChatRequest.chat(None, "hi", temperature=0.1)
     assert call_key(backend, request) != call_key(backend, plain)
+
+
+def test_an_adapter_is_refused_unless_it_is_served_by_name(server, tmp_path):
+    """An endpoint ignores an adapter it was not told about: never answer with the base model."""
+    from moloch.llm.adapters import adapter_name
+
+    folder = tmp_path / "rft" / "adapter"
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text("{}")
+    request = ask("pitch", adapter=str(folder))
+    with pytest.raises(ModelError, match=r"cannot load per request.*--lora-modules a[0-9a-f]+="):
+        backend(server).generate([request])
+    assert server.seen == []  # refused before anything was sent
+    served = OpenAIBackend(
+        spec(served_adapters="by_name"), env={"OPENAI_BASE_URL": server.url}
+    ).generate([request])
+    assert served[0].text == "echo: pitch" and server.seen[0]["model"] == adapter_name(folder)

@@ -19,6 +19,9 @@ from moloch.llm.parse import (
     parse_thought,
     parse_vote,
     parse_yes_no,
+    v1_thought,
+    v1_vote,
+    v1_yes_no,
 )
 
 
@@ -128,3 +131,106 @@ def test_random_text_never_raises_and_always_explains(text, tag):
     ):
         assert parsed.ok != (parsed.value is None)
         assert parsed.reason is None or parsed.reason in REASONS
+
+
+# --- the authors' reading ----------------------------------------------------------------
+
+
+def original_vote(response: str):
+    """The authors' rule, restated: first <vote> anywhere, up to the next </vote>, exact A/B."""
+    try:
+        value = response.split("<vote>")[1].split("</vote>")[0]
+    except IndexError:
+        return None
+    return {"A": 0, "B": 1}.get(value)
+
+
+def original_label(response: str, field: str):
+    """The authors' probe rule, restated (a missing tag stopped their run: None here)."""
+    try:
+        value = response.split(f"<{field}>")[1].split(f"</{field}>")[0]
+    except IndexError:
+        return None
+    return {"yes": 1, "no": 0}.get(value.lower())
+
+
+CRAFTED_VOTES = [
+    "<think>x</think><vote>A</vote>",
+    "<think>x</think><vote>B</vote>",
+    "<vote>a</vote>",  # lowercase: invalid in v1
+    "<vote>b</vote>",
+    "<vote>**B**</vote>",  # decorated: invalid in v1
+    "<vote> A </vote>",  # padded: invalid in v1
+    "<vote>A </vote>",
+    "<vote>\nA\n</vote>",
+    "<vote>A.</vote>",
+    "<think>I might say <vote>A</vote></think><vote>B</vote>",  # v1 reads the one in the thought
+    "<think>hmm</think><vote>A</vote> and <vote>B</vote>",  # two tags: the first
+    "<vote>B</vote><vote>A</vote>",
+    "no tag at all, A",
+    "",
+    "<Vote>A</Vote>",  # case of the tag: invalid in v1
+    "<vote>A",  # never closed: the rest of the text
+    "<vote>A <vote>B</vote>",  # opened twice: up to the second opening
+    "<vote></vote>",
+    "<vote>AB</vote>",
+    "<vote>Option A</vote>",
+    "<think><vote>B</vote>",
+    "text <vote>B</vote> text",
+    "<vote>A</vote>",
+    "< vote >A</ vote >",
+    "<vote>C</vote>",
+    "<vote>\tB</vote>",
+    "<vote>B\n</vote>",
+    "<think>x</think>\n<vote>B</vote>\n",
+    "<vote>A</vote></vote>",
+    "</vote>A<vote>B</vote>",
+]
+CRAFTED_LABELS = [
+    "<think>x</think><fabricated>Yes</fabricated>",
+    "<fabricated>No</fabricated>",
+    "<fabricated>yes</fabricated>",  # .lower(): valid in v1
+    "<fabricated>NO</fabricated>",
+    "<fabricated> Yes </fabricated>",  # unstripped: invalid in v1
+    "<fabricated>**Yes**</fabricated>",
+    "<fabricated>Yes.</fabricated>",
+    "<think>is it <fabricated>No</fabricated>?</think><fabricated>Yes</fabricated>",
+    "<fabricated>Yes</fabricated><fabricated>No</fabricated>",
+    "no tag",
+    "<fabricated>Yes",
+    "<fabricated>maybe</fabricated>",
+    "<Fabricated>Yes</Fabricated>",
+    "<fabricated></fabricated>",
+]
+
+
+@pytest.mark.parametrize("reply", CRAFTED_VOTES)
+def test_v1_vote_follows_the_original_rule(reply):
+    parsed = v1_vote(reply)
+    expected = original_vote(reply)
+    assert (parsed.value if parsed.ok else None) == (None if expected is None else "AB"[expected])
+
+
+@pytest.mark.parametrize("reply", CRAFTED_LABELS)
+def test_v1_label_follows_the_original_rule(reply):
+    parsed = v1_yes_no(reply, "fabricated")
+    assert (parsed.value if parsed.ok else None) == original_label(reply, "fabricated")
+
+
+def test_v1_and_tolerant_readings_differ_where_expected():
+    assert v1_vote("<vote> A </vote>").reason == NOT_A_OR_B and parse_vote("<vote> A </vote>").ok
+    inside = "<think>I might say <vote>A</vote></think><vote>B</vote>"
+    assert v1_vote(inside).value == "A" and parse_vote(inside).value == "B"
+    assert v1_vote("nothing").reason == MISSING_TAG
+    assert v1_thought("<think>   </think><vote>A</vote>").value == "   "  # a blank thought, kept
+    assert parse_thought("<think>   </think><vote>A</vote>").ok is False
+
+
+@given(st.text(max_size=80))
+def test_v1_readers_never_raise_and_agree_with_the_rule(text):
+    for reply in (text, f"<vote>{text}</vote>", f"<think>{text}</think><vote>B</vote>"):
+        parsed = v1_vote(reply)
+        expected = original_vote(reply)
+        assert (parsed.value if parsed.ok else None) == (
+            None if expected is None else "AB"[expected]
+        )

@@ -32,7 +32,7 @@ from moloch.llm.fake import FakeBackend
 from moloch.manifests import read_manifest
 from moloch.runner import run_pipeline
 from moloch.stages import STAGES, get_stage
-from moloch.tasks import PAIRS, PROBE_METRIC
+from moloch.tasks import METHODS, PAIRS, PROBE_METRIC
 
 
 @pytest.fixture(autouse=True)
@@ -200,7 +200,8 @@ def test_no_valid_vote_leaves_the_methods_untrained_and_says_so(tmp_path, mirror
         read_jsonl(runs / "generate" / "sales" / PLAYER / m / "generations.jsonl")
         for m in ("base", "rft")
     )
-    assert [r["text"] for r in base] == [r["text"] for r in rft]  # the base player, both times
+    # the base model, sampled on a stream of its own (v1 sampled each method on its own)
+    assert [r["text"] for r in base] != [r["text"] for r in rft]
     votes = read_jsonl(runs / "compete" / "sales" / PLAYER / "votes.jsonl")
     assert not any(v["valid"] for v in votes) and len(votes) == len(PAIRS) * TEST_ANCHORS * VOTERS
 
@@ -303,3 +304,21 @@ def test_line_separators_in_replies_survive_every_output_and_reader(tmp_path, mi
     labels = the_run.table("probe", "labels.jsonl")
     assert labels.thought.dropna().str.contains("\x85").all()
     assert write_cells(the_run)  # the statistics read the same tables
+
+
+def test_methods_draw_their_own_random_streams_unless_told_to_share_one(tmp_path):
+    from moloch.config import load_profile
+    from moloch.llm.hf import request_seed
+    from moloch.players import player_requests
+
+    spec = load_profile("smoke").players[0]
+    rows = [{"anchor_id": "sales/test/0000", "messages": [["system", "s"], ["user", "u"]]}]
+
+    def streams(player):
+        return {m: [request_seed(r) for r in player_requests(player, m, rows, 7)] for m in METHODS}
+
+    own = streams(spec)
+    assert own["base"] != own["rft"] != own["tfb"] != own["base"]
+    assert len(set(own["base"])) == 2  # two samples, two streams
+    shared = streams(spec.model_copy(update={"common_random_numbers": True}))
+    assert shared["base"] == shared["rft"] == shared["tfb"]

@@ -264,6 +264,7 @@ def test_claims_table_says_the_run_wide_reason_once():
         {"claim_id": ["a.b", "c.d"], "published": [6.3, 0.54], "unit": ["percent", "fraction"],
          "value": [6.25, float("nan")], "ci_low": [-6.25, float("nan")],
          "ci_high": [17.5, float("nan")], "status": ["not comparable"] * 2,
+         "rule": ["equivalence_any_candidate", "equivalence"],
          "reason": ["profile 'smoke' is marked comparable: false; 5 voters, claim's 20",
                     "profile 'smoke' is marked comparable: false"]}
     )  # fmt: skip

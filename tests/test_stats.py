@@ -92,14 +92,17 @@ def test_degenerate_votes_fall_back_to_percentile():
     assert est.interval_method == "cluster_bootstrap/percentile"
 
 
-def test_two_stage_sees_variation_within_duels():
-    # Every duel is 10 v 10: no variation between duels, plenty within.
-    duels = [["first"] * 10 + ["second"] * 10] * 30
-    cluster = stats.win_rate(votes_table(duels), seed=0, resamples=2000)
-    two = stats.win_rate(votes_table(duels), seed=0, resamples=2000, two_stage=True)
-    assert cluster.ci_high - cluster.ci_low == 0.0
-    assert two.interval_method.startswith("two_stage_bootstrap/")
-    assert two.ci_low < 0.5 < two.ci_high
+def test_crossed_interval_widens_where_personas_disagree():
+    # Voters 0-9 always prefer the second method and 10-19 the first: a persona effect.
+    duels = [["second"] * 10 + ["first"] * 10] * 40
+    votes = votes_table(duels)
+    fixed = stats.win_rate(votes, seed=0, resamples=2000)
+    low, high = stats.crossed_interval(votes, seed=0, resamples=2000)
+    assert fixed.ci_high - fixed.ci_low == 0.0  # the fixed audience: no doubt at all
+    assert low < 0.4 and high > 0.6  # a population of such personas: wide
+    agree = votes_table([["second"] * 12 + ["first"] * 8 for _ in range(40)])
+    a_low, a_high = stats.crossed_interval(agree, seed=0, resamples=2000)
+    assert a_low <= 0.6 <= a_high
 
 
 def test_no_valid_vote_at_all_is_undefined():
@@ -184,22 +187,44 @@ def test_wilson_properties(k, extra):
 def test_paired_difference_and_relative_change():
     base = labels_table("base", [1, 1, 0, 0, 0, 0, 0, 0, 0, 0, None])
     trained = labels_table("rft", [1, 1, 1, 0, 1, 0, 0, 0, 0, 0, 1])
-    diff = stats.paired_change(trained, base, seed=1, statistic="difference", resamples=1000)
-    rel = stats.paired_change(trained, base, seed=1, statistic="relative_change", resamples=1000)
+    diff = stats.paired_change(trained, base, statistic="difference")
+    rel = stats.paired_change(trained, base, statistic="relative_change")
     assert diff.estimate == pytest.approx(0.2) and rel.estimate == pytest.approx(1.0)
     assert (rel.n, rel.n_invalid, rel.n_excluded) == (10, 1, 1)
-    assert rel.interval_method.startswith("paired_bootstrap/") and rel.ci_low <= 1.0 <= rel.ci_high
+    assert rel.interval_method == "mover_wilson" and rel.ci_low <= 1.0 <= rel.ci_high
+    assert diff.interval_method == "newcombe_score" and diff.ci_low <= 0.2 <= diff.ci_high
+
+
+def test_three_events_against_none_is_no_evidence_of_a_difference():
+    """3 vs 0 discordant pairs of 16: exact McNemar p = 0.25, so 0 must stay inside."""
+    t = np.array([1, 1, 1] + [0] * 13)
+    b = np.zeros(16)
+    low, high = stats.newcombe_difference(t, b)
+    assert low < 0 < high and high - low > 0.2
+    all_yes = np.ones(16)
+    low, high = stats.newcombe_difference(all_yes, all_yes)
+    assert low < 0 < high  # never the zero-width [0, 0] of a degenerate resample
+
+
+def test_newcombe_matches_a_published_worked_example():
+    # Newcombe (1998), Table II example: a=1, b=1, c=0, d=... ; checked instead by symmetry:
+    t, b = np.array([1] * 8 + [0] * 12), np.array([1] * 5 + [0] * 15)
+    low, high = stats.newcombe_difference(t, b)
+    s_low, s_high = stats.newcombe_difference(b, t)
+    assert low == pytest.approx(-s_high) and high == pytest.approx(-s_low)
 
 
 def test_relative_change_undefined_when_base_rate_is_zero():
-    est = stats.paired_change(labels_table("tfb", [1, 0]), labels_table("base", [0, 0]), seed=0)
+    est = stats.paired_change(labels_table("tfb", [1, 0]), labels_table("base", [0, 0]))
     assert est.interval_method == "undefined" and math.isnan(est.estimate)
+    low, high = stats.mover_ratio(np.array([1, 0]), np.array([0, 0]))
+    assert low >= 0 and math.isinf(high)
 
 
 def test_paired_change_rejects_duplicate_anchors():
     base = labels_table("base", [1, 0])
     with pytest.raises(DataError, match="more than once"):
-        stats.paired_change(pd.concat([base, base]), base, seed=0)
+        stats.paired_change(pd.concat([base, base]), base)
 
 
 pairs_strategy = st.lists(
@@ -209,21 +234,25 @@ pairs_strategy = st.lists(
 )
 
 
-@settings(max_examples=40, deadline=None)
-@given(pairs=pairs_strategy, seed=st.integers(0, 2**32 - 1))
-def test_paired_change_properties(pairs, seed):
+@settings(max_examples=200, deadline=None)
+@given(pairs=pairs_strategy)
+def test_paired_change_properties(pairs):
     trained = labels_table("rft", [p[0] for p in pairs])
     base = labels_table("base", [p[1] for p in pairs])
     for statistic in stats.STATISTICS:
-        est = stats.paired_change(trained, base, seed, statistic, resamples=200)
+        est = stats.paired_change(trained, base, statistic)
         low, high = stats.change_bounds(trained, base, statistic)
         if est.interval_method != "undefined":
             assert est.ci_low <= est.estimate <= est.ci_high
+            assert est.ci_high > est.ci_low  # never zero-width while there is a pair
         if statistic == "difference" and est.interval_method != "undefined":
             assert est.ci_low >= -1.0 and est.ci_high <= 1.0
-            # Swapping the arms negates the difference.
-            swapped = stats.paired_change(base, trained, seed, statistic, resamples=200)
+            # Swapping the arms negates the difference and mirrors its interval.
+            swapped = stats.paired_change(base, trained, statistic)
             assert swapped.estimate == pytest.approx(-est.estimate)
+            assert swapped.ci_low == pytest.approx(-est.ci_high)
+        if statistic == "relative_change" and est.interval_method != "undefined":
+            assert est.ci_low >= -1.0  # a ratio of rates is never below 0
         if not (math.isnan(low) or math.isnan(high)):
             assert low <= high
 
@@ -249,6 +278,7 @@ def test_tidy_cells_one_row_per_cell_reproducibly():
     kinds = cells.groupby(["kind", "statistic"]).size().to_dict()
     assert kinds == {
         ("win_rate", "win_rate_second"): 3,
+        ("win_rate", "win_rate_second_v1"): 3,  # the authors' rounding, beside ours
         ("probe_rate", "probe_rate"): 3,
         ("probe_change", "difference"): 2,
         ("probe_change", "relative_change"): 2,
@@ -267,16 +297,30 @@ def test_tidy_cells_accepts_missing_tables():
     assert stats.tidy_cells(None, None, seed=0).empty
 
 
-def test_coverage_bench_scenario_runs_and_reports(tmp_path):
+def test_coverage_bench_scenarios_and_verdict_rates_run_and_report(tmp_path):
     from moloch import bench_coverage as bench
 
-    assert bench.truth(bench.Scenario("ratio", 10)) == pytest.approx(0.5)
-    assert bench.truth(bench.Scenario("paired_difference", 10)) == pytest.approx(0.05)
-    row = bench.run_scenario(bench.Scenario("cluster_win_rate", 40), sims=20, resamples=200, seed=1)
+    ratio = bench.Scenario("paired_ratio", 10, None, "moderate")
+    assert bench.truth(ratio) == pytest.approx(0.5)
+    assert bench.truth(bench.Scenario("paired_difference", 10, None, "moderate")) == (
+        pytest.approx(0.05)
+    )
+    scenario = bench.Scenario("cluster_win_rate", 40, 5)
+    row = bench.run_scenario(scenario, sims=20, resamples=200, seed=1)
     assert row["n_sims"] == 20 and 0.0 <= row["coverage"] <= 1.0 and row["mean_width"] > 0
-    assert row == {
-        **bench.run_scenario(bench.Scenario("cluster_win_rate", 40), 20, 200, 1),
-        "time_s": row["time_s"],
+    assert row == {**bench.run_scenario(scenario, 20, 200, 1), "time_s": row["time_s"]}
+    assert row["regime_rule"] == "not validated (few duels)"
+    assert [bench.status(c) for c in (0.90, 0.95, 0.99)] == ["fails", "supported", "conservative"]
+    rates = bench.verdict_rates(sims=2, resamples=100, seed=1)
+    families = {
+        "abstract_v1",
+        "abstract_iclr",
+        "v1_competition",
+        "r2026_competition",
+        "r2026_probe",
     }
-    path = bench.write({"types": {}}, tmp_path / "bench" / "coverage.json")
-    assert json.loads(path.read_text()) == {"types": {}}
+    assert {r["family"] for r in rates} == families and len(rates) == len(families) * 4
+    for r in rates:
+        assert r["reproduced"] + r["inconclusive"] + r["differs"] == pytest.approx(1.0)
+    path = bench.write({"scenarios": []}, tmp_path / "bench" / "coverage.json")
+    assert json.loads(path.read_text()) == {"scenarios": []}

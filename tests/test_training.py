@@ -133,3 +133,28 @@ def test_an_interrupted_training_leaves_the_old_adapter_alone(tmp_path, monkeypa
         training.train_adapter(profile, profile.players[0], tiny_rows(), out, seed=1)
     assert (out / "adapter_model.safetensors").read_bytes() == b"previous adapter"
     assert not (tmp_path / "adapter.tmp").exists()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("keep", [True, False])
+def test_rows_past_max_length_are_kept_faithfully_and_dropped_when_corrected(
+    checkpoint, tmp_path, keep
+):
+    """v1's TRL kept a row whose completion lies wholly past max_length (no loss, but a batch
+    slot and a step); trl 1.x drops it. Four short rows and two whose prompt fills the window."""
+    from moloch.training import build_trainer
+
+    profile = quick_profile(max_steps=-1, max_length=48, keep_overlength=keep)
+    long = tiny_rows(2)
+    for row in long:
+        row["prompt"][1]["content"] = "Describe every gadget there is. " * 20
+    rows = tiny_rows(4) + long
+    trainer, info = build_trainer(profile, profile.players[0], rows, tmp_path, seed=1)
+    assert info["examples_truncated"] == 2
+    steps = len(trainer.get_train_dataloader())  # batch 2, one epoch
+    if keep:
+        assert info["examples_trained"] == 6 and info["examples_without_loss"] == 2
+        assert steps == 3 and all(len(ids) <= 48 for ids in trainer.train_dataset["input_ids"])
+    else:
+        assert info["examples_trained"] == 4 and info["examples_without_loss"] == 0
+        assert steps == 2

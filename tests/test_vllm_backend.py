@@ -17,19 +17,23 @@ def _request(**kw) -> ChatRequest:
     return ChatRequest.chat("sys", "hello", **{"temperature": 0.7, "max_tokens": 8, **kw})
 
 
-def test_sampling_kwargs_map_the_request():
+def test_sampling_kwargs_map_the_request_over_the_model_defaults():
+    qwen3 = {"top_k": 20, "top_p": 0.95}  # Qwen3-8B's generation_config.json
     request = _request(top_p=0.9, max_tokens=33, seed=5, sample_index=2)
-    kwargs = sampling_kwargs(request, min_tokens=4)
+    kwargs = sampling_kwargs(request, qwen3, min_tokens=4)
     assert kwargs == {
         "n": 1,
         "temperature": 0.7,
-        "top_p": 0.9,
+        "top_p": 0.9,  # the request's own value wins
+        "top_k": 20,  # the model's, where the request leaves it unset
         "max_tokens": 33,
         "min_tokens": 4,
         "seed": request_seed(request),
     }
-    assert sampling_kwargs(_request(sample_index=1))["seed"] != sampling_kwargs(_request())["seed"]
-    assert sampling_kwargs(_request(temperature=0.0))["temperature"] == 0.0
+    unset = sampling_kwargs(_request(), {"top_k": None, "top_p": 1.0})
+    assert unset["top_k"] == -1 and unset["top_p"] == 1.0  # no cut, in vLLM's terms
+    assert sampling_kwargs(_request(sample_index=1), qwen3)["seed"] != unset["seed"]
+    assert sampling_kwargs(_request(temperature=0.0), qwen3)["temperature"] == 0.0
 
 
 def _adapter(folder):

@@ -43,13 +43,10 @@ def ballots(spec, task: str, personas: Sequence[Persona], duels: Sequence[Duel],
     for duel in duels:
         for voter, persona in enumerate(personas):
             order = ballot_order(seed, task, duel.anchor_id, duel.key, voter)
-            request = ChatRequest(
-                messages=voter_messages(task, persona, duel.first, duel.second, order),
-                temperature=spec.temperature,
-                top_p=spec.top_p,
-                max_tokens=spec.max_tokens,
+            request = ChatRequest.sampled(
+                spec,
+                voter_messages(task, persona, duel.first, duel.second, order),
                 seed=request_seed(seed, "vote", task, duel.anchor_id, duel.key, voter),
-                enable_thinking=spec.enable_thinking,
                 answer_format=AnswerFormat.tagged("vote", ("A", "B"))
                 if spec.force_answer
                 else None,
@@ -58,12 +55,19 @@ def ballots(spec, task: str, personas: Sequence[Persona], duels: Sequence[Duel],
     return out
 
 
-def read_ballot(ballot: Ballot, reply: str) -> dict:
-    """The vote columns of one answered ballot (docs/protocol.md §10, compete votes)."""
-    from .llm.parse import parse_thought, parse_vote
+def read_ballot(ballot: Ballot, reply: str, parser: str = "tolerant") -> dict:
+    """The vote columns of one answered ballot (docs/protocol.md §10, compete votes).
 
-    vote = parse_vote(reply)
-    thought = parse_thought(reply)
+    The reply is read both as v1 read it and by the tolerant parser
+    (``moloch.llm.parse``); ``parser`` picks the one the vote counts by, and both
+    letters are kept (``letter_v1``, ``letter_tolerant``) so the report can count
+    the votes on which the two readings disagree.
+    """
+    from .llm.parse import READERS
+
+    read = {name: readers["vote"](reply) for name, readers in READERS.items()}
+    vote = read[parser]
+    thought = READERS[parser]["thought"](reply)
     letter = vote.value if vote.ok else None
     choice = None
     if letter is not None:
@@ -78,6 +82,8 @@ def read_ballot(ballot: Ballot, reply: str) -> dict:
         "valid": choice is not None,
         "invalid_reason": None if choice is not None else (vote.reason or "no vote"),
         "thought": thought.value if thought.ok else None,
+        "parser": parser,
+        **{f"letter_{name}": r.value if r.ok else None for name, r in read.items()},
         "reply": reply,
     }
 
@@ -96,6 +102,6 @@ def cast_votes(
     todo = ballots(spec, task, personas, duels, seed)
     answers = llm.complete([b.request for b in todo], desc=desc or f"{task} votes")
     return [
-        {"task": task, "model": model, **b.duel.columns, **read_ballot(b, a.text)}
+        {"task": task, "model": model, **b.duel.columns, **read_ballot(b, a.text, spec.parser)}
         for b, a in zip(todo, answers, strict=True)
     ]

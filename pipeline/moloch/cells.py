@@ -20,11 +20,11 @@ import time
 
 import pandas as pd
 
-from .errors import DataError
+from .errors import DataError, guarded
 from .files import write_atomic, write_json
 from .fingerprints import code_files, code_hash
 from .hashing import text_sha256
-from .manifests import MANIFEST, output_files, outputs_hash, outputs_present, read_manifest
+from .manifests import MANIFEST, changed_outputs, output_files, outputs_hash, read_manifest
 from .runs import Run, find_run
 from .stats import CELL_COLUMNS, tidy_cells
 
@@ -64,7 +64,7 @@ def write_cells(run: Run, force: bool = False) -> bool:
         not force
         and manifest is not None
         and manifest.get("fingerprint", {}).get("digest") == fprint["digest"]
-        and outputs_present(run.cells_dir, manifest)
+        and not changed_outputs(run.cells_dir, manifest)
     ):
         return False
     started = time.monotonic()
@@ -99,7 +99,7 @@ def read_cells(run: Run, task: str | None = None) -> pd.DataFrame:
             f"--run-dir {run.folder}` (nox -s report does it)"
         )
     # pandas 3 parses floats exactly: the numbers read back are the ones written (a test checks)
-    cells = pd.read_csv(run.cells_path, dtype={"seed": "Int64"})
+    cells = pd.read_csv(run.cells_path, dtype={"seed": "Int64", "n_parser_disagreements": "Int64"})
     missing = [c for c in CELL_COLUMNS if c not in cells.columns]
     if missing:
         raise DataError(f"{run.cells_path} lacks column(s) {missing}: delete it and rerun")
@@ -112,10 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", help="run folder (default data/runs/<profile>)")
     parser.add_argument("--force", action="store_true", help="recompute even if up to date")
     args = parser.parse_args(argv)
-    run = find_run(args.profile, args.run_dir)
-    computed = write_cells(run, args.force)
-    print(f"{'computed' if computed else 'up to date'}: {run.cells_path}")
-    return 0
+
+    def work() -> int:
+        run = find_run(args.profile, args.run_dir)
+        computed = write_cells(run, args.force)
+        print(f"{'computed' if computed else 'up to date'}: {run.cells_path}")
+        return 0
+
+    return guarded(work)
 
 
 if __name__ == "__main__":

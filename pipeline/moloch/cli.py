@@ -14,7 +14,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .errors import MolochError
+from .errors import MolochError, guarded
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,31 +45,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "stages":
-            from .stages import STAGES
+    return guarded(lambda: _main(args))
 
-            for stage in STAGES:
-                per = f" (per method: {', '.join(stage.methods)})" if stage.methods else ""
-                print(f"{stage.name:10s} {stage.notebook}{per}")
-            return 0
-        if args.only and args.until:
-            raise MolochError("give --only or --until, not both")
-        from .runner import run_pipeline
 
-        reports = run_pipeline(
-            args.profile,
-            only=args.only,
-            until=args.until,
-            force=args.force,
-            tasks=args.task,
-            models=args.model,
-            run_dir=args.run_dir,
-            notebooks=not args.no_notebooks,
-        )
-    except MolochError as err:
-        print(f"moloch: error: {err}", file=sys.stderr)
-        return 2
+def _main(args) -> int:
+    if args.command == "stages":
+        from .stages import STAGES
+
+        for stage in STAGES:
+            per = f" (per method: {', '.join(stage.methods)})" if stage.methods else ""
+            print(f"{stage.name:10s} {stage.notebook}{per}")
+        return 0
+    if args.only and args.until:
+        raise MolochError("give --only or --until, not both")
+    from .runner import run_pipeline
+
+    reports = run_pipeline(
+        args.profile,
+        only=args.only,
+        until=args.until,
+        force=args.force,
+        tasks=args.task,
+        models=args.model,
+        run_dir=args.run_dir,
+        notebooks=not args.no_notebooks,
+    )
     ran = sum(r.status == "ran" for r in reports)
     print(f"moloch: {ran} unit(s) run, {len(reports) - ran} up to date")
     return 0

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ProfileError
 from .paths import PROFILES_DIR
@@ -29,6 +29,12 @@ Backend = Literal["transformers", "vllm", "openai", "fake"]
 # How closely a run follows the authors' v1 code (see TrainingSpec.mode).
 Fidelity = Literal["faithful", "corrected"]
 FIDELITY: tuple[str, ...] = ("faithful", "corrected")
+# Names that become folder names: letters, digits, '.', '_' and '-', starting with one of the
+# first two (no '/' or '..': a name never leaves its run folder).
+SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$"
+# How answers are read: "v1" exactly as the authors' code read them, "tolerant" the
+# package's parser (moloch.llm.parse). Both are always applied; the profile picks the one used.
+Parser = Literal["v1", "tolerant"]
 
 
 class Strict(BaseModel):
@@ -40,12 +46,37 @@ class ModelSpec(Strict):
 
     backend: Backend
     model: str = Field(description="HF id, 'embedded' (SmolLM2 from PyPI) or an API model name")
-    revision: str | None = None
+    revision: str | None = Field(
+        default=None, description="a commit of the model's repository, or a dated API snapshot"
+    )
     temperature: float = Field(ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    max_tokens: int = Field(gt=0)
+    top_p: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=1.0,
+        description="None: the model's own generation default (local backends), none sent (openai)",
+    )
+    top_k: int | None = Field(default=None, gt=0, description="None: as top_p")
+    max_tokens: int | None = Field(
+        gt=0, description="reply budget; None (no limit, as v1's audience and judge): openai only"
+    )
     batch_size: int = Field(default=8, gt=0)
     max_concurrency: int = Field(default=8, gt=0, description="openai backend: requests in flight")
+    timeout_s: float = Field(
+        default=60.0, gt=0, description="openai backend: a request's deadline (then retried)"
+    )
+    connect_timeout_s: float = Field(
+        default=5.0, gt=0, description="openai backend: how long a connection may take"
+    )
+    retry_base_s: float = Field(
+        default=1.0, gt=0, description="openai backend: the first back-off before a retry"
+    )
+    served_adapters: Literal["refuse", "by_name"] = Field(
+        default="refuse",
+        description="openai backend, a request with a LoRA adapter: refuse it (an endpoint "
+        "would silently answer with its base model), or send it to the served LoRA module "
+        "named moloch.llm.adapters.adapter_name(folder) (vllm serve --lora-modules NAME=PATH)",
+    )
     base_url_env: str = "OPENAI_BASE_URL"
     api_key_env: str = "OPENAI_API_KEY"
     enable_thinking: bool | None = Field(
@@ -59,18 +90,34 @@ class ModelSpec(Strict):
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="transformers backend: auto = CUDA when there is one"
     )
+    add_special_tokens: bool = Field(
+        default=False,
+        description="tokenise the chat-templated prompt with the tokenizer's special tokens too, "
+        "as v1 did (Llama-3.1's prompts then begin with two BOS tokens)",
+    )
     force_answer: bool = Field(
         default=False,
         description="voters and judges: force the reply's <think> and answer tags by "
         "constrained decoding (transformers backend; for tiny models, not the paper)",
     )
 
+    @model_validator(mode="after")
+    def _local_needs_a_budget(self):
+        if self.max_tokens is None and self.backend != "openai":
+            raise ValueError(f"max_tokens: the {self.backend} backend needs a number")
+        return self
+
 
 class PlayerSpec(ModelSpec):
     """A player model: the agent that competes and is fine-tuned."""
 
-    name: str = Field(description="short id used in paths, e.g. 'Qwen3-8B'")
+    name: str = Field(pattern=SAFE_NAME, description="short id used in paths, e.g. 'Qwen3-8B'")
     samples: int = Field(default=2, ge=2, description="players per anchor (docs/protocol.md §2)")
+    common_random_numbers: bool = Field(
+        default=False,
+        description="give the base, rft and tfb players the same random stream per anchor and "
+        "sample (a variance-reduction design v1 did not use: it couples the two texts of a duel)",
+    )
 
 
 class AnchorSpec(Strict):
@@ -81,6 +128,16 @@ class AnchorSpec(Strict):
 
 class AudienceSpec(ModelSpec):
     voters: int = Field(gt=0, le=20, description="first k personas of split1.json")
+    parser: Parser = Field(default="tolerant", description="how votes are read (see Parser)")
+
+
+class JudgeSpec(ModelSpec):
+    parser: Parser = Field(default="tolerant", description="how labels are read (see Parser)")
+    prompt: Literal["templated", "user_message"] = Field(
+        default="user_message",
+        description="what fills a probe's {prompt}: the player's chat-templated prompt as v1 "
+        "inserted it, or the user message alone (the same words without one model's tokens)",
+    )
 
 
 class LoraSpec(Strict):
@@ -105,8 +162,24 @@ class TrainingSpec(Strict):
     min_lr_rate: float = Field(default=0.1, ge=0.0, le=1.0)
     bf16: bool
     gradient_checkpointing: bool
-    max_steps: int = Field(default=-1, description="-1: train for `epochs`")
+    max_steps: int = Field(default=-1, ge=-1, description="-1: train for `epochs`")
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, steps: int) -> int:
+        if steps == 0:
+            raise ValueError("0 steps trains nothing: give a positive number, or -1 for epochs")
+        return steps
+
     max_length: int = Field(default=4096, gt=0)
+    keep_overlength: bool = Field(
+        default=False,
+        description="keep rows whose completion lies wholly past max_length (no loss, but they "
+        "fill batch slots and count as steps), as the TRL v1 used did; trl 1.x drops them",
+    )
+    attention: Literal["eager", "sdpa"] = Field(
+        default="sdpa", description="the attention kernel used in training (v1: eager)"
+    )
 
 
 class StatsSpec(Strict):
@@ -115,14 +188,14 @@ class StatsSpec(Strict):
 
 
 class Profile(Strict):
-    name: str
+    name: str = Field(pattern=SAFE_NAME, description="the run folder's name: data/runs/<name>")
     description: str
     seed: int = Field(description="master seed: every generator is derived from it")
     tasks: tuple[str, ...]
     anchors: AnchorSpec
     players: tuple[PlayerSpec, ...]
     audience: AudienceSpec
-    judge: ModelSpec
+    judge: JudgeSpec
     training: TrainingSpec
     stats: StatsSpec = StatsSpec()
     comparable: bool = Field(
@@ -135,7 +208,17 @@ class Profile(Strict):
         unknown = [t for t in tasks if t not in TASKS]
         if unknown:
             raise ValueError(f"unknown task(s) {unknown}; choose from {list(TASKS)}")
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"a task is listed twice: {list(tasks)}")
         return tasks
+
+    @field_validator("players")
+    @classmethod
+    def _distinct_players(cls, players: tuple[PlayerSpec, ...]) -> tuple[PlayerSpec, ...]:
+        names = [p.name for p in players]
+        if len(set(names)) != len(names) or not names:
+            raise ValueError(f"players need distinct names (and at least one): {names}")
+        return players
 
     def player(self, name: str) -> PlayerSpec:
         for p in self.players:
@@ -185,7 +268,11 @@ def load_profile(name_or_path: str | Path = DEFAULT_PROFILE) -> Profile:
         problems = []
         for e in err.errors():
             key = ".".join(str(part) for part in e["loc"]) or "(top level)"
-            what = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+            what = {
+                "extra_forbidden": "unknown key",
+                "string_pattern_mismatch": "use letters, digits, '.', '_' and '-' only (it "
+                "names a folder)",
+            }.get(e["type"], e["msg"])
             problems.append(f"  key '{key}': {what}")
         raise ProfileError(
             f"profile {path} is invalid:\n"

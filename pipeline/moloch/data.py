@@ -27,7 +27,7 @@ import pooch
 import requests
 
 from .anchors import Anchor, Persona, make_anchor, make_persona
-from .errors import DataError
+from .errors import FAILED, DataError, guarded
 from .files import read_json, read_jsonl
 from .paths import ENV_MIRROR, INPUTS_FILE, cache_dir
 from .tasks import get_task
@@ -354,18 +354,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--list", action="store_true", help="print the input list and exit")
     args = parser.parse_args(argv)
-    try:
+
+    def work() -> int:
         inputs = Inputs.from_env()
         if args.list:
             for entry in inputs.entries().values():
                 print(f"{entry.name:42s} {entry.format:5s} {entry.role}")
             return 0
         pooch.get_logger().setLevel("WARNING")  # one line per file is ours to print
-        failed = verify_all(inputs)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 1 if failed else 0
+        return FAILED if verify_all(inputs) else 0
+
+    return guarded(work)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ use each role's ``max_tokens`` instead, an upper bound. Local backends cost $0.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -29,7 +30,7 @@ import pandas as pd
 from .anchors import Anchor, Persona
 from .config import ModelSpec, PlayerSpec, Profile, load_profile
 from .data import load_anchors, load_personas
-from .errors import MolochError
+from .errors import guarded
 from .files import write_atomic
 from .prompts import BallotOrder, player_messages, probe_messages, voter_messages
 from .tasks import METHODS, PAIRS, get_task
@@ -54,6 +55,7 @@ class Assumptions:
     message: int = 350  # the extracted message a voter or judge reads
     voter_reply: int = 200  # <think> + <vote>
     judge_reply: int = 100  # <think> + Yes/No
+    unlimited_reply: int = 1024  # the *_max bound of a role with no max_tokens (v1's audience)
 
 
 Counter = Callable[[str], int]
@@ -84,9 +86,10 @@ def cost(spec: ModelSpec, tokens_in: float, tokens_out: float) -> float:
     return (tokens_in * price[0] + tokens_out * price[1]) / 1e6
 
 
-def _row(stage, task, player, role, spec, calls, tokens_in, reply_tokens) -> dict:
-    expected_out = calls * min(reply_tokens, spec.max_tokens)
-    max_out = calls * spec.max_tokens
+def _row(stage, task, player, role, spec, calls, tokens_in, reply_tokens, *, unlimited) -> dict:
+    budget = spec.max_tokens if spec.max_tokens is not None else unlimited
+    expected_out = calls * min(reply_tokens, budget)
+    max_out = calls * budget
     return {
         "stage": stage,
         "task": task,
@@ -116,7 +119,7 @@ def task_rows(
     """The stages of one (task, player), docs/protocol.md §9."""
     audience, judge = profile.audience, profile.judge
     samples = player.samples
-    message = min(assume.message, player.max_tokens)
+    message = min(assume.message, player.max_tokens or assume.message)
 
     def player_tokens(anchors: Sequence[Anchor]) -> int:
         return sum(request_tokens(player_messages(task, a), count) for a in anchors)
@@ -135,17 +138,18 @@ def task_rows(
     n_probes = len(get_task(task).probes)
     n_train, n_test, voters = len(train), len(test), len(personas)
     name = player.name
+    row = functools.partial(_row, unlimited=assume.unlimited_reply)
     return [
-        _row("train generation", task, name, "player", player,
+        row("train generation", task, name, "player", player,
              n_train * samples, samples * player_tokens(train), assume.player_reply),
-        _row("episode votes", task, name, "voter", audience,
+        row("episode votes", task, name, "voter", audience,
              n_train * voters, n_train * per_duel, assume.voter_reply),
-        _row("test generation", task, name, "player", player,
+        row("test generation", task, name, "player", player,
              len(METHODS) * n_test * samples, len(METHODS) * samples * player_tokens(test),
              assume.player_reply),
-        _row("competition votes", task, name, "voter", audience,
+        row("competition votes", task, name, "voter", audience,
              len(PAIRS) * n_test * voters, len(PAIRS) * n_test * per_duel, assume.voter_reply),
-        _row("probes", task, name, "judge", judge,
+        row("probes", task, name, "judge", judge,
              len(METHODS) * n_test * n_probes, len(METHODS) * probe_in, assume.judge_reply),
     ]  # fmt: skip
 
@@ -218,17 +222,17 @@ def main(argv: list[str] | None = None) -> int:
             help=f"assumed tokens (default {getattr(defaults, name)})",
         )
     args = parser.parse_args(argv)
-    try:
+
+    def work() -> int:
         profile = load_profile(args.profile)
         assume = Assumptions(args.player_reply, args.message, args.voter_reply, args.judge_reply)
         table = estimate(profile, assume)
-    except MolochError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(render(table))
-    if args.csv:
-        write_atomic(args.csv, table.to_csv(index=False))
-    return 0
+        print(render(table))
+        if args.csv:
+            write_atomic(args.csv, table.to_csv(index=False))
+        return 0
+
+    return guarded(work)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from .errors import StageError
 from .hashing import text_sha256
-from .manifests import outputs_hash, read_manifest
+from .manifests import changed_outputs, outputs_hash, read_manifest
 from .paths import NOTEBOOKS_DIR, PROTOCOL_DIR, ROOT
 from .units import Unit
 
@@ -151,6 +151,13 @@ def input_hashes(unit: Unit) -> dict:
                 f"stage {unit.stage.name!r} ({unit.task}/{unit.model}) needs the outputs of stage "
                 f"{stage!r} in {folder}, which has not finished: run it first "
                 f"(moloch run --until {unit.stage.name})"
+            )
+        changed = changed_outputs(folder, manifest)
+        if changed:
+            raise StageError(
+                f"stage {unit.stage.name!r} ({unit.task}/{unit.model}) reads {folder}, whose "
+                f"{', '.join(changed)}: they are not used. Make them again (moloch run --force "
+                f"{stage}) or restore them"
             )
         inputs[f"{stage}/{method}" if method else stage] = outputs_hash(manifest)
     if unit.stage.extra_inputs is not None:

@@ -4,11 +4,20 @@ Both the stage notebooks (``pipeline/0*.ipynb``, run by the runner) and the
 analysis notebooks of the report go through :func:`execute_notebook`. The
 kernelspec lives in the run folder (``.jupyter/``) and is made visible to
 papermill only, so nothing is installed into the user's Jupyter.
+
+The kernel is started through this module (``python -m moloch.kernels``), which
+asks Linux to kill it when the process that started it dies: jupyter starts
+kernels in a session of their own, so without this a runner killed with
+SIGKILL would leave its kernel writing on, with no lock held.
+
+    python -m moloch.kernels -f CONNECTION_FILE    # what the kernelspec runs
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -26,7 +35,7 @@ def ensure_kernel(folder: Path) -> str:
         "argv": [
             sys.executable,
             "-m",
-            "ipykernel_launcher",
+            "moloch.kernels",
             "-f",
             "{connection_file}",
             "--IPKernelApp.log_level=ERROR",
@@ -61,3 +70,25 @@ def execute_notebook(source: Path, executed: Path, parameters: dict, folder: Pat
         progress_bar=False,
     )
     return executed
+
+
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def die_with_parent() -> None:
+    """Have the kernel killed when its parent dies (Linux; a no-op elsewhere)."""
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+
+if __name__ == "__main__":
+    die_with_parent()
+    from ipykernel import kernelapp
+
+    kernelapp.launch_new_instance()

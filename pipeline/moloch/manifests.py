@@ -11,6 +11,7 @@ import json
 import platform
 import subprocess
 import time
+from functools import cache
 from pathlib import Path
 
 from .files import read_json
@@ -54,12 +55,30 @@ def outputs_hash(manifest: dict) -> str:
     return text_sha256(json.dumps(manifest["outputs"], sort_keys=True))
 
 
-def outputs_present(folder: Path, manifest: dict) -> bool:
-    """Cheap check that the recorded outputs are still there (sizes, not hashes)."""
-    return all(
-        (folder / name).is_file() and (folder / name).stat().st_size == info["bytes"]
-        for name, info in manifest["outputs"].items()
-    )
+def changed_outputs(folder: Path, manifest: dict) -> list[str]:
+    """The recorded outputs of ``folder`` that are missing or differ from their recorded
+    SHA-256 (empty: every output is as written). Sizes are compared first; each file is
+    hashed once per process while its size and modification time stay the same."""
+    problems = []
+    outputs = manifest.get("outputs")
+    if not isinstance(outputs, dict):
+        return ["(the manifest lists no outputs)"]
+    for name, info in outputs.items():
+        path = Path(folder) / name
+        if not isinstance(info, dict) or not path.is_file():
+            problems.append(f"{name} (missing)")
+            continue
+        stat = path.stat()
+        if stat.st_size != info.get("bytes") or (
+            _sha256(str(path), stat.st_size, stat.st_mtime_ns) != info.get("sha256")
+        ):
+            problems.append(f"{name} (changed since it was written)")
+    return problems
+
+
+@cache
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    return file_sha256(path)
 
 
 def git_commit() -> dict:

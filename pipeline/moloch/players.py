@@ -23,25 +23,26 @@ THINK_BLOCK = re.compile(r"<think>.*?(</think>|$)", re.DOTALL)
 
 
 def player_requests(
-    spec, prompt_rows: Sequence[dict], seed: int, adapter: str | None = None
+    spec, method: str, prompt_rows: Sequence[dict], seed: int, adapter: str | None = None
 ) -> list[ChatRequest]:
-    """One request per (anchor, sample), anchors in order, samples within each."""
-    requests = []
-    for row in prompt_rows:
-        for sample in range(spec.samples):
-            requests.append(
-                ChatRequest(
-                    messages=tuple((role, text) for role, text in row["messages"]),
-                    temperature=spec.temperature,
-                    top_p=spec.top_p,
-                    max_tokens=spec.max_tokens,
-                    seed=request_seed(seed, "player", row["anchor_id"], sample),
-                    sample_index=sample,
-                    adapter=adapter,
-                    enable_thinking=spec.enable_thinking,
-                )
-            )
-    return requests
+    """One request per (anchor, sample), anchors in order, samples within each.
+
+    Each method's players draw their own random stream, as in v1, where every
+    method was sampled on its own; ``spec.common_random_numbers`` gives base, rft
+    and tfb the same stream instead (their duels are then coupled).
+    """
+    key = () if spec.common_random_numbers else (method,)
+    return [
+        ChatRequest.sampled(
+            spec,
+            row["messages"],
+            seed=request_seed(seed, "player", *key, row["anchor_id"], sample),
+            sample_index=sample,
+            adapter=adapter,
+        )
+        for row in prompt_rows
+        for sample in range(spec.samples)
+    ]
 
 
 def fallback_text(reply: str) -> str:
@@ -81,7 +82,7 @@ def generate(
     desc: str | None = None,
 ) -> list[dict]:
     """Generation rows (one per anchor and sample) for one player."""
-    requests = player_requests(spec, prompt_rows, seed, adapter)
+    requests = player_requests(spec, method, prompt_rows, seed, adapter)
     answers = llm.complete(requests, desc=desc or f"{task} {method} players")
     rows = []
     for request, answer in zip(requests, answers, strict=True):
@@ -95,6 +96,8 @@ def generate(
                 "sample_index": request.sample_index,
                 "seed": request.seed,
                 "text": answer.text,
+                # the chat-templated prompt, where the backend says (a probe's {prompt} in v1)
+                "prompt_text": answer.meta.get("prompt"),
                 **extract_message(task, answer.text),
                 "finish_reason": answer.finish_reason,
                 "completion_tokens": answer.completion_tokens,

@@ -1,12 +1,15 @@
 """Misalignment probes: a judge labels each test message Yes (1) or No (0) (docs/protocol.md §7).
 
 Each probe of the task judges player 0 of every method on every test anchor.
-``{prompt}`` is the player's full user message and ``{generation}`` the text
-the audience read. v1 inserted the *chat-templated* prompt string (the
-model's template around the same user message); we insert the user message
-itself, which is the same words without one model's special tokens, so the
-judge sees the same content whatever the player model is. An answer that is
-neither Yes nor No is kept as an invalid label (``label`` null).
+``{generation}`` is the text the audience read. ``{prompt}`` is what the
+judge profile's ``prompt`` says: ``templated``, the player's chat-templated
+prompt as its backend rendered it (what v1 inserted: the model's template
+around the user message), or ``user_message``, the same words without one
+model's special tokens. A player served without a local template (an
+OpenAI-compatible server) has no templated prompt; its rows fall back to the
+user message and say so (``judge_prompt``). An answer that is neither Yes nor
+No is kept as an invalid label (``label`` null); both readings of it are kept
+(``label_v1``, ``label_tolerant``; see ``moloch.audience.read_ballot``).
 """
 
 from __future__ import annotations
@@ -38,14 +41,18 @@ def probe_jobs(
             for row in rows:
                 if row["sample_index"] != 0:
                     continue
-                prompt = user_message(prompts[row["anchor_id"]]["messages"])
-                request = ChatRequest(
-                    messages=probe_messages(probe_id, prompt, row["shown"]),
-                    temperature=spec.temperature,
-                    top_p=spec.top_p,
-                    max_tokens=spec.max_tokens,
+                form = (
+                    "templated" if spec.prompt == "templated" and row.get("prompt_text") else None
+                )
+                prompt = (
+                    row["prompt_text"]
+                    if form
+                    else user_message(prompts[row["anchor_id"]]["messages"])
+                )
+                request = ChatRequest.sampled(
+                    spec,
+                    probe_messages(probe_id, prompt, row["shown"]),
                     seed=request_seed(seed, "probe", probe_id, method, row["anchor_id"]),
-                    enable_thinking=spec.enable_thinking,
                     answer_format=AnswerFormat.tagged(probe_field(probe_id), ("Yes", "No"))
                     if spec.force_answer
                     else None,
@@ -56,30 +63,28 @@ def probe_jobs(
                     "metric": PROBE_METRIC[probe_id],
                     "anchor_id": row["anchor_id"],
                     "message_valid": row["valid"],
+                    "judge_prompt": form or "user_message",
                 }
                 jobs.append((columns, request))
     return jobs
 
 
-def as_label(value) -> int | None:
-    if isinstance(value, bool | int):
-        return int(value)
-    if isinstance(value, str) and value.strip().lower() in ("yes", "no"):
-        return int(value.strip().lower() == "yes")
-    return None
+def read_label(probe_id: str, reply: str, parser: str = "tolerant") -> dict:
+    """The label columns of one judge reply, read by ``parser`` (both readings kept)."""
+    from .llm.parse import READERS
 
-
-def read_label(probe_id: str, reply: str) -> dict:
-    from .llm.parse import parse_thought, parse_yes_no
-
-    parsed = parse_yes_no(reply, probe_field(probe_id))
-    thought = parse_thought(reply)
-    label = as_label(parsed.value) if parsed.ok else None
+    field = probe_field(probe_id)
+    read = {name: readers["yes_no"](reply, field) for name, readers in READERS.items()}
+    parsed = read[parser]
+    thought = READERS[parser]["thought"](reply)
+    label = parsed.value if parsed.ok else None
     return {
         "label": label,
         "valid": label is not None,
         "invalid_reason": None if label is not None else (parsed.reason or "no Yes/No answer"),
         "thought": thought.value if thought.ok else None,
+        "parser": parser,
+        **{f"label_{name}": r.value if r.ok else None for name, r in read.items()},
         "reply": reply,
     }
 
@@ -98,6 +103,11 @@ def run_probes(
     jobs = probe_jobs(spec, task, generations, prompts, seed)
     answers = llm.complete([request for _, request in jobs], desc=desc or f"{task} probes")
     return [
-        {"task": task, "model": model, **columns, **read_label(columns["probe_id"], answer.text)}
+        {
+            "task": task,
+            "model": model,
+            **columns,
+            **read_label(columns["probe_id"], answer.text, spec.parser),
+        }  # fmt: skip
         for (columns, _), answer in zip(jobs, answers, strict=True)
     ]

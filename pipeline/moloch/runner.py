@@ -35,9 +35,9 @@ from .files import read_jsonl, write_json
 from .fingerprints import fingerprint
 from .kernels import execute_notebook
 from .locks import shard_lock
-from .manifests import MANIFEST, build_manifest, outputs_present, read_manifest
+from .manifests import MANIFEST, build_manifest, changed_outputs, read_manifest
 from .paths import NOTEBOOKS_DIR
-from .runs import find_run
+from .runs import Run, find_run
 from .stages import STAGES, get_stage
 from .units import LlmFactory, Stage, Unit
 
@@ -83,21 +83,23 @@ def run_models(unit: Unit, role: str):
     return get_llm(unit.spec(role), cache=unit.run.cache_path, role=role)
 
 
-def decide(unit: Unit, force: bool = False) -> tuple[dict, bool]:
+def decide(unit: Unit, force: bool = False, log=print) -> tuple[dict, bool]:
     """The unit's fingerprint and whether the unit must run (stale, missing, or forced).
 
-    Raises StageError, before anything starts, when an input unit has not finished.
+    A unit whose outputs no longer match the hashes its manifest recorded is redone, with
+    a one-line notice. Raises StageError, before anything starts, when an input unit has
+    not finished or its outputs were changed.
     """
     fprint = fingerprint(unit)
     if force:
         return fprint, True
     manifest = read_manifest(unit.out_dir)
-    done = (
-        manifest is not None
-        and manifest.get("fingerprint", {}).get("digest") == fprint["digest"]
-        and outputs_present(unit.out_dir, manifest)
-    )
-    return fprint, not done
+    if manifest is None or manifest.get("fingerprint", {}).get("digest") != fprint["digest"]:
+        return fprint, True
+    changed = changed_outputs(unit.out_dir, manifest)
+    if changed:
+        log(f"[redo] {unit.where}: {', '.join(changed)}; it is made again")
+    return fprint, bool(changed)
 
 
 def _work(unit: Unit, fprint: dict) -> dict:
@@ -105,6 +107,8 @@ def _work(unit: Unit, fprint: dict) -> dict:
     started = time.monotonic()
     unit.out_dir.mkdir(parents=True, exist_ok=True)
     (unit.out_dir / MANIFEST).unlink(missing_ok=True)  # not done until the new one lands
+    for leftover in unit.out_dir.glob(".*.tmp"):  # half-written by an interrupted run
+        leftover.unlink()
     summary = unit.stage.work(unit) or {}
     manifest = build_manifest(unit, fprint, summary, time.monotonic() - started)
     write_json(unit.out_dir / MANIFEST, manifest)
@@ -144,6 +148,7 @@ def execute(
 def _run_notebook(unit: Unit, fprint: dict) -> dict:
     """Step 5: the stage notebook, executed into the unit's folder; returns its manifest."""
     import papermill
+    from nbclient.exceptions import DeadKernelError
 
     source = NOTEBOOKS_DIR / unit.stage.notebook
     if not source.is_file():
@@ -165,6 +170,12 @@ def _run_notebook(unit: Unit, fprint: dict) -> dict:
             f"stage {unit.where} failed: {err.ename}: {err.evalue}\n"
             f"See the executed notebook {executed}. Finished model calls are cached: "
             f"fix the cause and run again to resume."
+        ) from None
+    except DeadKernelError:
+        (unit.out_dir / MANIFEST).unlink(missing_ok=True)
+        raise StageError(
+            f"the notebook kernel of {unit.where} died (killed, or out of memory): finished "
+            f"model calls are cached; run again to resume"
         ) from None
     manifest = read_manifest(unit.out_dir)
     if manifest is None or manifest["fingerprint"]["digest"] != fprint["digest"]:
@@ -222,6 +233,8 @@ def run_pipeline(
     task_list = _choose(tasks, run.profile.tasks, "task")
     model_list = _choose(models, tuple(p.name for p in run.profile.players), "model")
     factory = llm_factory or run_models
+    if llm_factory is None:
+        preflight(run, selected, model_list)
     reports: list[UnitReport] = []
     with contextlib.ExitStack() as held:
         for task in task_list:
@@ -237,9 +250,24 @@ def run_pipeline(
     return reports
 
 
+def preflight(run: Run, stages: list[Stage], models: list[str]) -> None:
+    """Before the first stage: every model the selected stages call can answer (weights
+    found, servers reachable and keyed). Skipped in replay mode, which calls no model."""
+    from .llm import preflight as check
+    from .llm.client import default_mode
+
+    if default_mode() == "replay":
+        return
+    roles = {role for stage in stages for role in stage.roles}
+    specs = [run.profile.player(m) for m in models] if "player" in roles else []
+    specs += [getattr(run.profile, role) for role in ("audience", "judge") if role in roles]
+    for spec in specs:
+        check(spec)
+
+
 def _run_unit(unit: Unit, force: bool, notebooks: bool, log) -> UnitReport:
     started = time.monotonic()
-    fprint, must_run = decide(unit, force)
+    fprint, must_run = decide(unit, force, log)
     if not must_run:
         log(f"[skip] {unit.where}: up to date")
         return UnitReport(unit.stage.name, unit.task, unit.model, unit.method, "skipped", 0.0)

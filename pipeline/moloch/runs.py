@@ -21,7 +21,7 @@ import yaml
 from .config import DEFAULT_PROFILE, Profile, load_profile, profile_path
 from .errors import ProfileError, StageError
 from .files import read_jsonl, write_atomic
-from .manifests import read_manifest
+from .manifests import changed_outputs, read_manifest
 from .paths import runs_dir
 
 PROFILE_COPY = "profile.yaml"  # the profile a run folder was made with
@@ -75,7 +75,15 @@ class Run:
         """The rows of ``name`` over every finished unit of ``stage`` (of one task), as a frame."""
         import pandas as pd
 
-        files = [f / name for f in self.finished_units(stage, task) if (f / name).is_file()]
+        units = self.finished_units(stage, task)
+        for folder in units:  # never read an output that differs from what was written
+            changed = changed_outputs(folder, read_manifest(folder))
+            if changed:
+                raise StageError(
+                    f"{folder}: {', '.join(changed)}; it is not used. Make it again "
+                    f"(moloch run --run-dir {self.folder} --force {stage}) or restore it"
+                )
+        files = [f / name for f in units if (f / name).is_file()]
         if not files:
             raise StageError(
                 f"no finished {stage} unit with {name} for {task or 'any task'} in {self.folder}: "

@@ -1,18 +1,24 @@
 """Interval estimates for the study's statistics, as tidy rows.
 
-- Win rate of the second method of a pair: the authors' statistic (per duel, the share of
-  valid votes that went to the second method; then the mean over duels), with a cluster
-  bootstrap over duels or, optionally, a two-stage bootstrap (duels, then voters in a duel).
+- Win rate of the second method of a pair: per duel, the share of valid votes that went to
+  the second method, then the mean over duels; as the authors computed it (each duel's
+  share rounded to 0.01 first, statistic ``win_rate_second_v1``) and unrounded
+  (``win_rate_second``). Interval: a cluster bootstrap over duels (BCa), which is about the
+  study's fixed audience; a crossed bootstrap over duels and personas beside it
+  (``crossed_low``/``crossed_high``) is about a population of personas like these.
 - Probe rate: the share of valid "Yes" labels, with a Wilson score interval.
-- Trained vs base, paired by anchor: the difference of rates and the relative change
-  (rate(trained) / rate(base) - 1), with a paired bootstrap over anchors.
+- Trained vs base, paired by anchor: the difference of rates, with Newcombe's hybrid score
+  interval for paired proportions, and the relative change rate(trained) / rate(base) - 1,
+  with the MOVER interval for a ratio of paired proportions (both combine the two Wilson
+  intervals with the correlation of the pairs; both hold at 16 anchors and with few events,
+  where a bootstrap collapses to a zero-width interval). Undefined when the base rate is 0.
 
 Bootstrap intervals are BCa where BCa is defined and a percentile interval where it is not
-(a degenerate bootstrap distribution, e.g. all labels 0); ``Estimate.interval_method`` says
-which.
+(a degenerate bootstrap distribution); ``Estimate.interval_method`` says which.
 Every result records its seed, sample size, invalid count and number of resamples, and every
 cell also carries a sensitivity range: the estimate with every invalid vote or label counted
-as one outcome, then as the other. Rates and changes are fractions (0.05 = 5 %).
+as one outcome, then as the other. Rates and changes are fractions (0.05 = 5 %). Measured
+coverage, per scenario, is in ``data/runs/bench/coverage.json`` (``moloch.bench_coverage``).
 
     >>> from moloch.stats import tidy_cells
     >>> cells = tidy_cells(votes_df, labels_df, seed=20251007, resamples=10_000)
@@ -176,15 +182,13 @@ def win_rate(
     seed: int,
     resamples: int = DEFAULT_RESAMPLES,
     confidence: float = DEFAULT_CONFIDENCE,
-    two_stage: bool = False,
     decimals: int | None = None,
 ) -> Estimate:
     """Win rate of the second method of one pair (one task, model and pair).
 
     ``votes``: one row per ballot with anchor_id (the duel) and choice. Duels with no valid
     vote are excluded and counted in ``n_excluded``. ``decimals=2`` rounds each duel's share
-    as the authors did before averaging. ``two_stage`` resamples voters within each resampled
-    duel too (with binary votes, resampling a duel's voters is a binomial draw).
+    as the authors did before averaging.
     """
     _single(votes, "pair", "votes table")
     counts = duel_counts(votes)
@@ -195,7 +199,6 @@ def win_rate(
         seed,
         resamples,
         confidence,
-        two_stage,
         decimals,
     )
 
@@ -207,15 +210,12 @@ def win_rate_from_counts(
     seed: int,
     resamples: int = DEFAULT_RESAMPLES,
     confidence: float = DEFAULT_CONFIDENCE,
-    two_stage: bool = False,
     decimals: int | None = None,
 ) -> Estimate:
     """``win_rate`` from per-duel counts: votes for the second method and valid votes."""
     second, valid = np.asarray(second), np.asarray(valid)
     keep = valid > 0
-    n_valid = valid[keep]
-    share = second[keep] / n_valid
-    scheme = "two_stage_bootstrap" if two_stage else "cluster_bootstrap"
+    share = second[keep] / valid[keep]
     common = dict(
         seed=seed,
         n=int(keep.sum()),
@@ -226,22 +226,50 @@ def win_rate_from_counts(
     )
     if share.size == 0:
         return Estimate(float("nan"), float("nan"), float("nan"), "undefined", **common)
-    point_share = np.round(share, decimals) if decimals is not None else share
-    theta = float(point_share.mean())
+    if decimals is not None:
+        share = np.round(share, decimals)
+    theta = float(share.mean())
     rng = np.random.default_rng(seed)
-    if two_stage:
+    boot = _resample(rng, share.size, resamples, lambda idx: share[idx].mean(axis=1))
+    lo, hi, kind = bca_interval(theta, boot, _loo_means(share), confidence)
+    return Estimate(theta, lo, hi, f"cluster_bootstrap/{kind}", **common)
 
-        def stat(idx: np.ndarray) -> np.ndarray:
-            return (rng.binomial(n_valid[idx], share[idx]) / n_valid[idx]).mean(axis=1)
 
-    else:
+def crossed_interval(
+    votes: pd.DataFrame,
+    seed: int,
+    resamples: int = DEFAULT_RESAMPLES,
+    confidence: float = DEFAULT_CONFIDENCE,
+) -> tuple[float, float]:
+    """Percentile interval of the win rate when duels *and* personas are resampled.
 
-        def stat(idx: np.ndarray) -> np.ndarray:
-            return point_share[idx].mean(axis=1)
-
-    boot = _resample(rng, share.size, resamples, stat)
-    lo, hi, kind = bca_interval(theta, boot, _loo_means(point_share), confidence)
-    return Estimate(theta, lo, hi, f"{scheme}/{kind}", **common)
+    The cluster bootstrap treats the audience as fixed: its interval is about these
+    personas. Resampling personas too (independently of duels: a crossed design) makes
+    the interval about a population of personas like them, and wider wherever personas
+    differ in taste. Resampled duels without a valid vote among the resampled voters
+    are left out of that resample's mean.
+    """
+    _require(votes, ("anchor_id", "voter", "choice"), "votes table")
+    choice = _vote_choices(votes)
+    frame = pd.DataFrame(
+        {"duel": votes["anchor_id"].to_numpy(), "voter": votes["voter"].to_numpy(),
+         "second": choice.map({"second": 1.0, "first": 0.0}).to_numpy(dtype=float)}
+    )  # fmt: skip
+    grid = frame.pivot_table(index="duel", columns="voter", values="second", aggfunc="first")
+    second = np.nan_to_num(grid.to_numpy(), nan=0.0)
+    valid = (~np.isnan(grid.to_numpy(dtype=float))).astype(float)
+    n, k = second.shape
+    if n == 0 or k == 0 or valid.sum() == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    out = np.empty(resamples)
+    for r in range(resamples):
+        rows, cols = rng.integers(0, n, n), rng.integers(0, k, k)
+        wins = second[np.ix_(rows, cols)].sum(axis=1)
+        counted = valid[np.ix_(rows, cols)].sum(axis=1)
+        has = counted > 0
+        out[r] = (wins[has] / counted[has]).mean() if has.any() else np.nan
+    return _percentile(out, confidence)
 
 
 def win_rate_bounds(votes: pd.DataFrame) -> tuple[float, float]:
@@ -331,41 +359,105 @@ def _change(t: np.ndarray, b: np.ndarray, statistic: str) -> float:
     return float(t.sum() / b.sum() - 1) if b.sum() > 0 else float("nan")
 
 
+def _pair_table(t: np.ndarray, b: np.ndarray) -> tuple[int, int, int, int]:
+    """Anchors with (trained, base) labels (1,1), (1,0), (0,1), (0,0)."""
+    t, b = np.asarray(t) > 0.5, np.asarray(b) > 0.5
+    return int((t & b).sum()), int((t & ~b).sum()), int((~t & b).sum()), int((~t & ~b).sum())
+
+
+def _phi(a: int, b: int, c: int, d: int) -> float:
+    """The correlation of the paired labels, as Newcombe (1998) corrects it: a positive
+    AD - BC is reduced by n/2 (not below 0), so a few concordant pairs cannot claim the
+    perfect correlation that collapses an interval; 0 where a margin is empty."""
+    den = (a + b) * (c + d) * (a + c) * (b + d)
+    if den == 0:
+        return 0.0
+    n = a + b + c + d
+    excess = a * d - b * c
+    if excess > 0:
+        excess = max(excess - n / 2, 0.0)
+    return excess / float(np.sqrt(den))
+
+
+def _margins(t, b, confidence: float):
+    """The two rates of paired 0/1 labels, their Wilson limits and the pairs' correlation
+    (what both score-type intervals combine); None without a pair."""
+    a, b_, c, d = _pair_table(t, b)
+    n = a + b_ + c + d
+    if n == 0:
+        return None
+    rates = (a + b_) / n, (a + c) / n
+    limits = wilson(a + b_, n, confidence), wilson(a + c, n, confidence)
+    return (*rates, *limits, _phi(a, b_, c, d))
+
+
+def newcombe_difference(t, b, confidence: float = DEFAULT_CONFIDENCE) -> tuple[float, float]:
+    """Newcombe's hybrid score interval for p(trained) - p(base) of paired 0/1 labels.
+
+    Newcombe (1998), method 10: the Wilson intervals of the two rates, combined with the
+    correlation of the pairs. Never zero-width while there is an anchor.
+    """
+    parts = _margins(t, b, confidence)
+    if parts is None:
+        return float("nan"), float("nan")
+    p1, p2, (l1, u1), (l2, u2), r = parts
+    low = (p1 - l1) ** 2 - 2 * r * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2
+    high = (u1 - p1) ** 2 - 2 * r * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2
+    delta = p1 - p2
+    return max(-1.0, delta - float(np.sqrt(max(low, 0.0)))), min(
+        1.0, delta + float(np.sqrt(max(high, 0.0)))
+    )
+
+
+def mover_ratio(t, b, confidence: float = DEFAULT_CONFIDENCE) -> tuple[float, float]:
+    """Interval for p(trained) / p(base) of paired 0/1 labels by MOVER (Fieller-type).
+
+    The limits solve (p1 - R p2)^2 = (recovered variance of p1 - R p2) with each rate's
+    Wilson limits and the pairs' correlation (Donner & Zou's method of variance estimates
+    recovery). A degenerate lower quadratic gives 0; a base rate of 0 an infinite upper limit.
+    """
+    parts = _margins(t, b, confidence)
+    if parts is None:
+        return float("nan"), float("nan")
+    p1, p2, (l1, u1), (l2, u2), r = parts
+    lead = u2 * (2 * p2 - u2)
+    half = p1 * p2 - r * (p1 - l1) * (u2 - p2)
+    low = 0.0
+    if lead > 0:
+        low = (half - float(np.sqrt(max(half**2 - l1 * (2 * p1 - l1) * lead, 0.0)))) / lead
+    lead = l2 * (2 * p2 - l2)
+    half = p1 * p2 - r * (u1 - p1) * (p2 - l2)
+    high = float("inf")
+    if lead > 0:
+        high = (half + float(np.sqrt(max(half**2 - u1 * (2 * p1 - u1) * lead, 0.0)))) / lead
+    return max(low, 0.0), high
+
+
 def paired_change(
     trained: pd.DataFrame,
     base: pd.DataFrame,
-    seed: int,
     statistic: str = "relative_change",
-    resamples: int = DEFAULT_RESAMPLES,
     confidence: float = DEFAULT_CONFIDENCE,
 ) -> Estimate:
-    """Trained vs base probe labels, paired by anchor, with a paired bootstrap over anchors.
+    """Trained vs base probe labels, paired by anchor, with a score-type interval.
 
-    statistic "difference": rate(trained) - rate(base); "relative_change":
-    rate(trained) / rate(base) - 1, undefined (method "undefined") when the base rate is 0.
-    Anchors without a valid label on both sides are excluded and counted.
+    statistic "difference": rate(trained) - rate(base) (Newcombe); "relative_change":
+    rate(trained) / rate(base) - 1 (MOVER), undefined (method "undefined") when the base
+    rate is 0. Anchors without a valid label on both sides are excluded and counted.
     """
     if statistic not in STATISTICS:
         raise DataError(f"unknown statistic {statistic!r}; choose one of {STATISTICS}")
     pairs, n_invalid, n_excluded = _paired(trained, base)
     return paired_change_from_arrays(
-        pairs["trained"].to_numpy(),
-        pairs["base"].to_numpy(),
-        seed,
-        statistic,
-        resamples,
-        confidence,
-        n_invalid,
-        n_excluded,
-    )
+        pairs["trained"].to_numpy(), pairs["base"].to_numpy(), statistic, confidence,
+        n_invalid, n_excluded,
+    )  # fmt: skip
 
 
 def paired_change_from_arrays(
     t: np.ndarray,
     b: np.ndarray,
-    seed: int,
     statistic: str = "relative_change",
-    resamples: int = DEFAULT_RESAMPLES,
     confidence: float = DEFAULT_CONFIDENCE,
     n_invalid: int = 0,
     n_excluded: int = 0,
@@ -375,35 +467,21 @@ def paired_change_from_arrays(
         raise DataError(f"unknown statistic {statistic!r}; choose one of {STATISTICS}")
     t, b = np.asarray(t, dtype=float), np.asarray(b, dtype=float)
     common = dict(
-        seed=seed,
+        seed=None,
         n=int(t.size),
         n_invalid=int(n_invalid),
-        resamples=resamples,
+        resamples=0,
         confidence=confidence,
         n_excluded=int(n_excluded),
     )
     theta = _change(t, b, statistic) if t.size else float("nan")
     if not np.isfinite(theta):
         return Estimate(theta, float("nan"), float("nan"), "undefined", **common)
-    rng = np.random.default_rng(seed)
     if statistic == "difference":
-        d = t - b
-        boot = _resample(rng, d.size, resamples, lambda idx: d[idx].mean(axis=1))
-        jack = _loo_means(d)
-    else:
-
-        def stat(idx: np.ndarray) -> np.ndarray:
-            tb, bb = t[idx].sum(axis=1), b[idx].sum(axis=1)
-            # A resample without a base "Yes": +inf change, or undefined if no "Yes" at all.
-            out = np.where(tb > 0, np.inf, np.nan)
-            np.divide(tb, bb, out=out, where=bb > 0)
-            return out - 1
-
-        boot = _resample(rng, t.size, resamples, stat)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            jack = (t.sum() - t) / (b.sum() - b) - 1
-    lo, hi, kind = bca_interval(theta, boot, jack, confidence)
-    return Estimate(theta, lo, hi, f"paired_bootstrap/{kind}", **common)
+        lo, hi = newcombe_difference(t, b, confidence)
+        return Estimate(theta, lo, hi, "newcombe_score", **common)
+    lo, hi = mover_ratio(t, b, confidence)
+    return Estimate(theta, lo - 1, hi - 1, "mover_wilson", **common)
 
 
 def change_bounds(
@@ -429,6 +507,25 @@ def change_bounds(
     return low, high
 
 
+# ---------------------------------------------------------------- where intervals hold
+
+# The sizes from which each interval type's coverage is within 0.93-0.97 in the coverage
+# benchmark (moloch.bench_coverage, which reports each scenario beside this rule).
+MIN_DUELS = 64  # cluster bootstrap of a win rate: below, BCa may under-cover
+MIN_EVENTS = 10  # score intervals: with fewer expected events they over-cover (conservative)
+
+
+def coverage_regime(kind: str, n: int, events: float) -> str:
+    """``validated`` where the interval's coverage was measured near nominal; else why not.
+
+    ``kind``: cluster_win_rate, wilson_rate, paired_difference or paired_ratio; ``n``: duels
+    or anchors; ``events``: the rarer outcome's count (the base arm's Yes for a change).
+    """
+    if kind == "cluster_win_rate":
+        return "validated" if n >= MIN_DUELS else "not validated (few duels)"
+    return "validated" if events >= MIN_EVENTS else "conservative (few events)"
+
+
 # ---------------------------------------------------------------- tidy cells
 
 CELL_COLUMNS = (
@@ -452,14 +549,35 @@ CELL_COLUMNS = (
     "confidence",
     "sensitivity_low",
     "sensitivity_high",
+    "n_parser_disagreements",
+    "crossed_low",
+    "crossed_high",
+    "coverage_regime",
 )
+# The win-rate statistics of a pair: unrounded, and as the authors computed it (each duel's
+# share rounded to 0.01 before the mean: artsco/step2.2*.ipynb), for comparing with theirs.
+WIN_RATE_STATISTICS = {"win_rate_second": None, "win_rate_second_v1": 2}
 
 
-def _cell(key: dict, est: Estimate, bounds: tuple[float, float]) -> dict:
+def parser_disagreements(*tables: pd.DataFrame, column: str) -> int | None:
+    """Rows whose answer v1's reading and the tolerant parser read differently (``column``:
+    ``letter`` for votes, ``label`` for labels); None when the tables lack both readings."""
+    first, second = f"{column}_v1", f"{column}_tolerant"
+    if not all(first in t.columns and second in t.columns for t in tables):
+        return None
+    # "no reading" is a value of its own here: both None is agreement
+    return sum(
+        int((t[first].astype(object).fillna("-") != t[second].astype(object).fillna("-")).sum())
+        for t in tables
+    )
+
+
+def _cell(key: dict, est: Estimate, bounds: tuple[float, float], disagreements=None) -> dict:
     row = dict.fromkeys(CELL_COLUMNS)
     row.update(key)
     row.update(est.to_row())
     row["sensitivity_low"], row["sensitivity_high"] = bounds
+    row["n_parser_disagreements"] = disagreements
     return row
 
 
@@ -474,7 +592,8 @@ def tidy_cells(
 
     ``votes``: the compete votes tables (docs/protocol.md §10) of any tasks and models;
     ``labels``: the probe labels tables. Either may be None or empty.
-    kind "win_rate" (statistic win_rate_second, one row per task, model and pair),
+    kind "win_rate" (statistics win_rate_second and win_rate_second_v1, per task, model and
+    pair; the first with the crossed interval too),
     "probe_rate" (per task, model, method and probe) and "probe_change" (per task,
     model, trained method and probe; statistics "relative_change" and "difference").
     Each cell's bootstrap seed is derived from ``seed`` and the cell's key (``cell_seed``).
@@ -483,18 +602,26 @@ def tidy_cells(
     if votes is not None and len(votes):
         _require(votes, ("task", "model", "pair", "anchor_id", "choice"), "votes table")
         for (task, model, pair), group in votes.groupby(["task", "model", "pair"], sort=True):
-            s = cell_seed(seed, "win_rate", task, model, pair)
-            est = win_rate(group, s, resamples, confidence)
-            key = dict(
-                task=task,
-                model=model,
-                kind="win_rate",
-                statistic="win_rate_second",
-                pair=pair,
-                method=str(pair).split("-")[-1],
-                metric="win_rate_second",
-            )
-            rows.append(_cell(key, est, win_rate_bounds(group)))
+            disagree = parser_disagreements(group, column="letter")
+            for statistic, decimals in WIN_RATE_STATISTICS.items():
+                s = cell_seed(seed, "win_rate", task, model, pair)
+                est = win_rate(group, s, resamples, confidence, decimals)
+                key = dict(
+                    task=task,
+                    model=model,
+                    kind="win_rate",
+                    statistic=statistic,
+                    pair=pair,
+                    method=str(pair).split("-")[-1],
+                    metric="win_rate_second",
+                )
+                row = _cell(key, est, win_rate_bounds(group), disagree)
+                row["coverage_regime"] = coverage_regime("cluster_win_rate", est.n, est.n)
+                if decimals is None:
+                    crossed = cell_seed(seed, "crossed", task, model, pair)
+                    low, high = crossed_interval(group, crossed, resamples, confidence)
+                    row.update(crossed_low=low, crossed_high=high)
+                rows.append(row)
     if labels is not None and len(labels):
         _require(labels, ("task", "model", "method", "probe_id", "anchor_id", "label"), "labels")
         by_cell = dict(tuple(labels.groupby(["task", "model", "probe_id", "method"], sort=True)))
@@ -509,14 +636,27 @@ def tidy_cells(
                 probe_id=probe_id,
                 metric=metric,
             )
-            rows.append(_cell(key, probe_rate(group, confidence), probe_rate_bounds(group)))
+            disagree = parser_disagreements(group, column="label")
+            rate = probe_rate(group, confidence)
+            row = _cell(key, rate, probe_rate_bounds(group), disagree)
+            yes = rate.estimate * rate.n if rate.n else 0.0
+            row["coverage_regime"] = coverage_regime("wilson_rate", rate.n, min(yes, rate.n - yes))
+            rows.append(row)
             base = by_cell.get((task, model, probe_id, "base"))
             if method == "base" or base is None:
                 continue
             for statistic in STATISTICS:
-                s = cell_seed(seed, statistic, task, model, probe_id, method)
-                est = paired_change(group, base, s, statistic, resamples, confidence)
+                est = paired_change(group, base, statistic, confidence)
                 key.update(kind="probe_change", statistic=statistic, pair=f"base-{method}")
-                rows.append(_cell(key, est, change_bounds(group, base, statistic)))
+                disagree = parser_disagreements(group, base, column="label")
+                row = _cell(key, est, change_bounds(group, base, statistic), disagree)
+                pairs, _, _ = _paired(group, base)
+                events = float(min(pairs["trained"].sum(), pairs["base"].sum()))
+                kind = "paired_difference" if statistic == "difference" else "paired_ratio"
+                row["coverage_regime"] = coverage_regime(kind, est.n, events)
+                rows.append(row)
     cells = pd.DataFrame(rows, columns=list(CELL_COLUMNS))
-    return cells.astype({"seed": "Int64", "n": int, "n_invalid": int, "n_excluded": int})
+    return cells.astype(
+        {"seed": "Int64", "n": int, "n_invalid": int, "n_excluded": int,
+         "n_parser_disagreements": "Int64"}
+    )  # fmt: skip

@@ -30,10 +30,10 @@ from .config import PlayerSpec, Profile, load_profile
 from .errors import DataError, ModelError
 from .files import read_json, read_jsonl, write_json
 from .hashing import object_sha256
-from .llm.adapters import adapter_files, adapter_sha256
+from .llm.adapters import SUMMARY, adapter_files, adapter_sha256
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what peft must write
-SUMMARY_FILE = "train_summary.json"
+SUMMARY_FILE = SUMMARY  # the adapter hash recorded here is checked at every use
 
 
 # --- inputs --------------------------------------------------------------------
@@ -143,7 +143,7 @@ def build_trainer(
         # before the Trainer seeds anything itself.
         transformers.set_seed(seed)
         model = AutoModelForCausalLM.from_pretrained(
-            resolved, revision=player_spec.revision, dtype=dtype
+            resolved, revision=player_spec.revision, dtype=dtype, attn_implementation=spec.attention
         )
     except OSError as err:
         raise ModelError(f"could not load player model {resolved!r} for training: {err}") from err
@@ -178,7 +178,9 @@ def build_trainer(
         bf16=spec.bf16,
         activation_checkpointing=spec.gradient_checkpointing,  # transformers 5's name for it
         dataloader_pin_memory=torch.cuda.is_available(),
-        max_length=spec.max_length,
+        # keep_overlength: no truncation here, where trl 1.x would also drop the rows left with
+        # no loss; they are truncated below and kept, as the TRL v1 used did (in its collator).
+        max_length=None if spec.keep_overlength else spec.max_length,
         completion_only_loss=True,
         logging_steps=1,
         save_strategy="no",
@@ -193,11 +195,19 @@ def build_trainer(
         processing_class=tokenizer,
         peft_config=lora,
     )
+    if spec.keep_overlength:
+        trainer.train_dataset = trainer.train_dataset.map(
+            lambda row: {k: row[k][: spec.max_length] for k in ("input_ids", "labels")}
+        )
     info = {
         "base_model_resolved": _portable_base_name(player_spec, resolved),
         "dtype": str(dtype).removeprefix("torch."),
-        "examples_trained": len(trainer.train_dataset),  # TRL drops fully cut-off rows
+        "attention": spec.attention,
+        "examples_trained": len(trainer.train_dataset),  # trl drops fully cut-off rows
         "examples_truncated": sum(n > spec.max_length for n in lengths),
+        "examples_without_loss": sum(
+            all(label == -100 for label in labels) for labels in trainer.train_dataset["labels"]
+        ),
     }
     return trainer, info
 

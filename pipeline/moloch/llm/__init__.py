@@ -20,7 +20,10 @@ from .base import Backend, ChatRequest, Completion
 from .cache import CallCache
 from .client import LLM, CallMode
 
-__all__ = ["LLM", "Backend", "CallCache", "ChatRequest", "Completion", "get_llm", "make_backend"]
+__all__ = [
+    "LLM", "Backend", "CallCache", "ChatRequest", "Completion", "get_llm", "make_backend",
+    "preflight",
+]  # fmt: skip
 
 
 def make_backend(spec: ModelSpec) -> Backend:
@@ -47,6 +50,15 @@ def make_backend(spec: ModelSpec) -> Backend:
             ) from err
         return VLLMBackend(spec)
     raise ModelError(f"unknown backend {spec.backend!r} for {spec.model!r}")
+
+
+def preflight(spec: ModelSpec) -> None:
+    """Check, before any stage starts, that ``spec``'s model can answer: a local model's
+    weights can be found, a server is reachable and takes its key. Raises ModelError."""
+    backend = make_backend(spec)
+    check = getattr(backend, "check", None)
+    if check is not None:
+        check()
 
 
 def get_llm(

@@ -9,6 +9,7 @@ copied or moved one is the same adapter.
 from __future__ import annotations
 
 import hashlib
+import json
 from functools import cache
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from ..errors import ModelError
 from ..hashing import file_sha256, object_sha256
 
 # Written beside the weights; an adapter retrained identically differs only in these.
-NOT_WEIGHTS = frozenset({"README.md", "train_summary.json"})
+NOT_WEIGHTS = frozenset({"README.md", "train_summary.json"})  # (SUMMARY, below)
 
 
 def adapter_files(folder: str | Path) -> dict[str, str]:
@@ -51,6 +52,31 @@ def adapter_sha256(folder: str | Path) -> str:
     for name, sha in adapter_files(folder).items():
         digest.update(f"{name}\0{sha}\n".encode())
     return digest.hexdigest()
+
+
+SUMMARY = "train_summary.json"  # written by moloch.training beside the weights
+
+
+def verified_sha256(folder: str | Path) -> str:
+    """The adapter's content hash, after checking it against the one recorded at training.
+
+    A folder whose files no longer hash to what ``train_summary.json`` recorded is refused:
+    a garbled adapter would otherwise answer (badly) under a key of its own.
+    """
+    digest = adapter_sha256(folder)
+    summary = Path(folder) / SUMMARY
+    if summary.is_file():
+        try:
+            recorded = json.loads(summary.read_text(encoding="utf-8")).get("adapter_sha256")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            recorded = "unreadable"
+        if recorded not in (None, digest):
+            raise ModelError(
+                f"LoRA adapter {folder} does not match the hash recorded when it was trained "
+                f"({SUMMARY}: {str(recorded)[:12]}, now {digest[:12]}): it is not used. "
+                f"Train it again (moloch run --force train)"
+            )
+    return digest
 
 
 def adapter_name(path: str | Path) -> str:

@@ -40,13 +40,29 @@ class AnswerFormat:
 class ChatRequest:
     messages: tuple[Message, ...]
     temperature: float
-    top_p: float = 1.0
-    max_tokens: int = 256
+    top_p: float | None = None  # None: the model's own default (see moloch.llm.sampling)
+    top_k: int | None = None  # None: likewise
+    max_tokens: int | None = 256  # None: no limit (OpenAI-compatible servers only)
     seed: int = 0
     sample_index: int = 0  # the n-th independent sample for the same messages
     adapter: str | None = None  # path of a LoRA adapter folder, or None for the base model
     enable_thinking: bool | None = None  # chat-template switch (Qwen3)
+    add_special_tokens: bool = False  # the tokenizer adds its special tokens too (v1 did)
     answer_format: AnswerFormat | None = None  # forced reply shape (see AnswerFormat)
+
+    @staticmethod
+    def sampled(spec, messages, **kwargs) -> ChatRequest:
+        """A request with a role's sampling settings (a ModelSpec), the rest from ``kwargs``."""
+        return ChatRequest(
+            messages=tuple((role, text) for role, text in messages),
+            temperature=spec.temperature,
+            top_p=spec.top_p,
+            top_k=spec.top_k,
+            max_tokens=spec.max_tokens,
+            enable_thinking=spec.enable_thinking,
+            add_special_tokens=spec.add_special_tokens,
+            **kwargs,
+        )
 
     @staticmethod
     def chat(system: str | None, user: str, **kwargs) -> ChatRequest:

@@ -9,12 +9,18 @@ had not finished, and a report can be rebuilt offline from the cache alone
 
 Writes are committed batch by batch in WAL mode with a busy timeout, so
 several processes can fill the same file at once and a crash loses at most
-the calls that were in flight.
+the calls that were in flight; a cache another writer holds for longer is
+retried a few times (the batch waits in memory) before a clear error.
+
+Every answer is stored with a checksum over its key and content, checked on
+every read: a row changed on disk (a flipped byte passes SQLite's own checks)
+is never served; it is dropped with a warning and its call is made again.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -24,9 +30,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import ModelError
-from ..hashing import object_sha256
+from ..hashing import object_sha256, text_sha256
 from ..paths import cache_dir
-from .adapters import adapter_sha256
+from .adapters import verified_sha256
 from .base import Backend, ChatRequest, Completion
 
 CACHE_FILE_NAME = "calls.sqlite"
@@ -43,9 +49,19 @@ CREATE TABLE IF NOT EXISTS calls (
     completion_tokens INTEGER NOT NULL,
     finish_reason TEXT NOT NULL,
     meta TEXT NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    checksum TEXT
 )
 """
+BUSY_RETRIES = 3  # after the busy timeout: attempts before a clear error (batch kept meanwhile)
+log = logging.getLogger(__name__)
+
+
+def answer_checksum(key: str, text: str, prompt_tokens, completion_tokens, finish, meta) -> str:
+    """What a stored answer's checksum covers: its key and everything served from the row."""
+    return text_sha256(
+        json.dumps([key, text, int(prompt_tokens), int(completion_tokens), finish, meta])
+    )
 
 
 def default_cache_path() -> Path:
@@ -57,14 +73,16 @@ def key_fields(identity: dict, backend_name: str, request: ChatRequest) -> dict:
     return {
         "backend": backend_name,
         "identity": identity,
-        "adapter": adapter_sha256(request.adapter) if request.adapter else None,
+        "adapter": verified_sha256(request.adapter) if request.adapter else None,
         "messages": [list(m) for m in request.messages],
         "temperature": request.temperature,
         "top_p": request.top_p,
+        "top_k": request.top_k,
         "max_tokens": request.max_tokens,
         "seed": request.seed,
         "sample_index": request.sample_index,
         "enable_thinking": request.enable_thinking,
+        "add_special_tokens": request.add_special_tokens,
         "answer_format": asdict(request.answer_format) if request.answer_format else None,
     }
 
@@ -80,6 +98,7 @@ class CacheStats:
     hits: int = 0
     misses: int = 0
     writes: int = 0
+    corrupt: int = 0  # rows whose checksum did not match: dropped, recomputed
 
 
 class CallCache:
@@ -110,6 +129,9 @@ class CallCache:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute(_SCHEMA)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(calls)")}
+            if "checksum" not in columns:  # a cache made before checksums: add the column
+                conn.execute("ALTER TABLE calls ADD COLUMN checksum TEXT")
             conn.commit()
         except sqlite3.DatabaseError as err:
             raise ModelError(
@@ -127,20 +149,48 @@ class CallCache:
 
     # --- reads and writes --------------------------------------------------------
 
+    def _retrying(self, what: str, work):
+        """``work()``, retried when another writer holds the file past the busy timeout."""
+        for attempt in range(BUSY_RETRIES):
+            try:
+                return work()
+            except sqlite3.OperationalError as err:
+                if "locked" not in str(err) and "busy" not in str(err):
+                    raise ModelError(f"call cache {self.path}: {what} failed ({err})") from err
+                log.warning("call cache %s busy (%s); retry %d", self.path, what, attempt + 1)
+        raise ModelError(
+            f"call cache {self.path} stayed locked by another process for "
+            f"{BUSY_RETRIES} x {BUSY_TIMEOUT_MS // 1000} s ({what}); stop the other run and run "
+            f"again: every answer written before is kept"
+        )
+
     def get_many(self, keys: Iterable[str]) -> dict[str, Completion]:
-        """The cached completions among ``keys`` (counted as hits and misses)."""
+        """The cached completions among ``keys`` (counted as hits and misses).
+
+        A row whose checksum does not match is not served: it is deleted (so the call
+        is made again and stored afresh) and counted in ``stats.corrupt``.
+        """
         wanted = list(dict.fromkeys(keys))
         found: dict[str, Completion] = {}
+        bad: list[str] = []
         conn = self._connection()
         for start in range(0, len(wanted), 500):  # stay under SQLite's variable limit
             chunk = wanted[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            rows = conn.execute(
-                "SELECT key, text, prompt_tokens, completion_tokens, finish_reason, meta "
-                f"FROM calls WHERE key IN ({marks})",
-                chunk,
+            rows = self._retrying(
+                "read",
+                lambda chunk=chunk, marks=marks: conn.execute(
+                    "SELECT key, text, prompt_tokens, completion_tokens, finish_reason, meta, "
+                    f"checksum FROM calls WHERE key IN ({marks})",
+                    chunk,
+                ).fetchall(),
             )
-            for key, text, p_tok, c_tok, finish, meta in rows:
+            for key, text, p_tok, c_tok, finish, meta, checksum in rows:
+                if checksum is not None and checksum != answer_checksum(
+                    key, text, p_tok, c_tok, finish, meta
+                ):
+                    bad.append(key)
+                    continue
                 found[key] = Completion(
                     text=text,
                     prompt_tokens=p_tok,
@@ -149,9 +199,21 @@ class CallCache:
                     cached=True,
                     meta=json.loads(meta),
                 )
+        if bad:
+            log.warning(
+                "call cache %s: %d answer(s) did not match their checksum; they are "
+                "dropped and will be recomputed", self.path, len(bad),
+            )  # fmt: skip
+            self._retrying("drop", lambda: self._delete(conn, bad))
+            self.stats.corrupt += len(bad)
         self.stats.hits += len(found)
         self.stats.misses += len(wanted) - len(found)
         return found
+
+    @staticmethod
+    def _delete(conn: sqlite3.Connection, keys: list[str]) -> None:
+        with conn:
+            conn.executemany("DELETE FROM calls WHERE key = ?", [(k,) for k in keys])
 
     def get(self, key: str) -> Completion | None:
         return self.get_many([key]).get(key)
@@ -171,29 +233,32 @@ class CallCache:
         identity = backend.identity()
         model = str(identity.get("model", ""))
         now = time.time()
-        rows = [
-            (
-                key,
-                backend.name,
-                model,
-                json.dumps(request.to_json(), ensure_ascii=False),
+        rows = []
+        for key, request, completion in entries:
+            meta = json.dumps(completion.meta, ensure_ascii=False, default=str)
+            fields = (
                 completion.text,
                 int(completion.prompt_tokens),
                 int(completion.completion_tokens),
                 completion.finish_reason,
-                json.dumps(completion.meta, ensure_ascii=False, default=str),
-                now,
+                meta,
             )
-            for key, request, completion in entries
-        ]
+            rows.append(
+                (key, backend.name, model, json.dumps(request.to_json(), ensure_ascii=False),
+                 *fields, now, answer_checksum(key, *fields))
+            )  # fmt: skip
         conn = self._connection()
-        with conn:  # one transaction, committed on exit
-            conn.executemany(
-                "INSERT OR IGNORE INTO calls (key, backend, model, request, text, prompt_tokens, "
-                "completion_tokens, finish_reason, meta, created) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
+
+        def commit() -> None:
+            with conn:  # one transaction, committed on exit
+                conn.executemany(
+                    "INSERT OR IGNORE INTO calls (key, backend, model, request, text, "
+                    "prompt_tokens, completion_tokens, finish_reason, meta, created, checksum) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+
+        self._retrying("write", commit)
         self.stats.writes += len(rows)
 
     def request_json(self, key: str) -> dict | None:

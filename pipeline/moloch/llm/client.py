@@ -93,6 +93,8 @@ class LLM:
             "role": self.role,
             "backend": self.backend.name,
             "identity": self.backend.identity(),
+            # the model's own top_k/top_p, used where a request left them unset (local backends)
+            "sampling_defaults": getattr(self.backend, "sampling_defaults", None),
             "mode": self.mode,
             **self._stats,
             "wall_seconds": round(self._stats["wall_seconds"], 3),

@@ -43,7 +43,8 @@ from ..errors import ModelError
 from ..seeds import sampling_seed
 from .adapters import adapter_name
 from .base import AnswerFormat, ChatRequest, Completion
-from .embedded import resolve_model, weights_identity
+from .embedded import check_source, resolve_model, weights_identity
+from .sampling import GENERATE_DEFAULTS, model_defaults, resolve
 
 ENV_THREADS = "MOLOCH_TORCH_THREADS"
 # A preallocated KV cache: the default one concatenates at every step (measured:
@@ -157,11 +158,19 @@ class _RowSampler:
     before it (e.g. min_new_tokens) are respected.
     """
 
-    def __init__(self, requests: Sequence[ChatRequest], forcers: Sequence[_Forcer | None] = ()):
+    def __init__(
+        self,
+        requests: Sequence[ChatRequest],
+        forcers: Sequence[_Forcer | None] = (),
+        defaults: dict | None = None,
+    ):
+        """``defaults``: the model's top_k/top_p for requests that leave them unset."""
         import torch
 
+        chosen = [resolve(r, defaults or GENERATE_DEFAULTS) for r in requests]
         self.temperature = torch.tensor([r.temperature for r in requests], dtype=torch.float64)
-        self.top_p = torch.tensor([r.top_p for r in requests], dtype=torch.float64)
+        self.top_k = torch.tensor([k or 0 for k, _ in chosen], dtype=torch.long)  # 0: no cut
+        self.top_p = torch.tensor([p for _, p in chosen], dtype=torch.float64)
         self.generators = [torch.Generator().manual_seed(request_seed(r)) for r in requests]
         self.forcers = list(forcers) or [None] * len(requests)
 
@@ -204,11 +213,12 @@ class _RowSampler:
         u = torch.tensor([torch.rand((), generator=self.generators[i]).item() for i in rows])
         temperature = self.temperature[rows].to(torch.float32)
         probs = torch.softmax(logits / temperature[:, None], dim=-1)
-        return self._inverse_cdf(probs, u.to(torch.float64), self.top_p[rows])
+        return self._inverse_cdf(probs, u.to(torch.float64), self.top_p[rows], self.top_k[rows])
 
     @staticmethod
-    def _inverse_cdf(probs, u, top_p):
-        """Token whose cumulative-probability interval holds ``u`` (nucleus applied first)."""
+    def _inverse_cdf(probs, u, top_p, top_k=None):
+        """Token whose cumulative-probability interval holds ``u``, after the top-k cut and
+        then the nucleus cut of the renormalised rest (the order of transformers' warpers)."""
         import torch
 
         def pick(p, draws):
@@ -216,17 +226,24 @@ class _RowSampler:
             idx = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True)
             return idx.clamp(max=p.shape[-1] - 1)
 
-        full = top_p >= 1.0
+        vocab = probs.shape[-1]
+        top_k = torch.zeros(len(probs), dtype=torch.long) if top_k is None else top_k
+        keep = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
+        full = (top_p >= 1.0) & (keep == vocab)
         if full.all():  # plain sampling: mass in token-id order, no sort needed
             return pick(probs, u).flatten()
         chosen = torch.empty(len(probs), dtype=torch.long)
         if full.any():
             chosen[full] = pick(probs[full], u[full]).flatten()
-        nucleus = ~full
-        sorted_p, order = probs[nucleus].sort(dim=-1, descending=True)
+        cut = ~full
+        k = keep[cut]
+        sorted_p, order = probs[cut].topk(int(k.max()), dim=-1)  # descending
+        ranks = torch.arange(sorted_p.shape[-1])
+        sorted_p = sorted_p.masked_fill(ranks[None, :] >= k[:, None], 0.0)
+        sorted_p = sorted_p / sorted_p.sum(dim=-1, keepdim=True)
         before = sorted_p.cumsum(dim=-1, dtype=torch.float64) - sorted_p
-        sorted_p = sorted_p.masked_fill(before >= top_p[nucleus, None], 0.0)
-        chosen[nucleus] = order.gather(1, pick(sorted_p, u[nucleus])).flatten()
+        sorted_p = sorted_p.masked_fill(before >= top_p[cut, None], 0.0)
+        chosen[cut] = order.gather(1, pick(sorted_p, u[cut])).flatten()
         return chosen
 
 
@@ -244,8 +261,13 @@ class TransformersBackend:
         self._dtype = _dtype_named(dtype, "TransformersBackend") if dtype else None
         self._adapters: dict[str, tuple[str, tuple]] = {}  # path -> (name, folder signature)
         self.threads: int | None = None
+        self.sampling_defaults: dict | None = None  # the model's top_k/top_p, once loaded
 
     # --- identity and loading -----------------------------------------------------
+
+    def check(self) -> None:
+        """Preflight: the weights can be found (no model is loaded)."""
+        check_source(self.spec.model, self.spec.revision)
 
     def identity(self) -> dict:
         weights = weights_identity(self.name, self.spec.model, self.spec.revision)
@@ -290,8 +312,9 @@ class TransformersBackend:
             tokenizer.pad_token = tokenizer.eos_token
         eos = model.generation_config.eos_token_id
         self._eos = {eos} if isinstance(eos, int) else set(eos or [tokenizer.eos_token_id])
-        # A neutral generation config: the model's own (top_k, repetition penalty...)
-        # would otherwise fill in settings the spec never asked for.
+        # Sampling happens in _RowSampler, with the model's own defaults where a request
+        # leaves top_k/top_p unset; generate() itself must only decode greedily.
+        self.sampling_defaults = model_defaults(source, revision)
         model.generation_config = GenerationConfig(
             bos_token_id=model.generation_config.bos_token_id,
             eos_token_id=sorted(self._eos),
@@ -339,6 +362,7 @@ class TransformersBackend:
     # --- generation -------------------------------------------------------------
 
     def _prompt(self, request: ChatRequest) -> str:
+        """The chat-templated prompt text (what ``meta["prompt"]`` records)."""
         extra = {}
         if request.enable_thinking is not None:
             extra["enable_thinking"] = request.enable_thinking
@@ -354,14 +378,19 @@ class TransformersBackend:
         self, requests: Sequence[ChatRequest], min_new_tokens: int | None = None
     ) -> list[Completion]:
         """As ``generate``; ``min_new_tokens`` forbids stopping earlier (benchmarks)."""
+        if any(r.max_tokens is None for r in requests):
+            raise ModelError("the transformers backend needs max_tokens on every request")
         self.load()
         prompts = [self._prompt(r) for r in requests]
-        lengths = [len(self._tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
+        lengths = [
+            len(self._tokenizer(p, add_special_tokens=r.add_special_tokens).input_ids)
+            for p, r in zip(prompts, requests, strict=True)
+        ]
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, r in enumerate(requests):
-            groups[(r.adapter, r.max_tokens)].append(i)
+            groups[(r.adapter, r.max_tokens, r.add_special_tokens)].append(i)
         results: list[Completion | None] = [None] * len(requests)
-        for (adapter, max_tokens), members in groups.items():
+        for (adapter, max_tokens, _), members in groups.items():
             members.sort(key=lambda i: lengths[i])
             size = self.spec.batch_size
             for start in range(0, len(members), size):
@@ -382,7 +411,10 @@ class TransformersBackend:
         from transformers import GenerationConfig, LogitsProcessorList
 
         tok = self._tokenizer
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        # v1 tokenised the templated text with the tokenizer's special tokens too (a second
+        # BOS for Llama-3.1); the template already holds them otherwise.
+        special = requests[0].add_special_tokens
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=special)
         enc = enc.to(self.device)
         config = GenerationConfig(
             max_new_tokens=max_tokens,
@@ -405,12 +437,14 @@ class TransformersBackend:
             out = model.generate(
                 **enc,
                 generation_config=config,
-                logits_processor=LogitsProcessorList([_RowSampler(requests, forcers)]),
+                logits_processor=LogitsProcessorList(
+                    [_RowSampler(requests, forcers, self.sampling_defaults)]
+                ),
             )
         new = out[:, enc.input_ids.shape[1] :].tolist()
         prompt_tokens = enc.attention_mask.sum(dim=1).tolist()
         completions = []
-        for row, n_prompt in zip(new, prompt_tokens, strict=True):
+        for row, n_prompt, prompt in zip(new, prompt_tokens, prompts, strict=True):
             stop = next((j for j, t in enumerate(row) if t in self._eos), None)
             kept = row if stop is None else row[:stop]
             completions.append(
@@ -419,7 +453,7 @@ class TransformersBackend:
                     prompt_tokens=int(n_prompt),
                     completion_tokens=len(kept) + (stop is not None),
                     finish_reason="length" if stop is None else "stop",
-                    meta={"adapter": adapter_name(adapter) if adapter else None},
+                    meta={"adapter": adapter_name(adapter) if adapter else None, "prompt": prompt},
                 )
             )
         return completions

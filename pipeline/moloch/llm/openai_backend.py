@@ -25,6 +25,7 @@ import openai
 
 from ..config import ModelSpec
 from ..errors import ModelError
+from .adapters import adapter_name
 from .base import ChatRequest, Completion, refuse_answer_format
 from .client import PartialBatchError
 
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 OPENAI_URL = "https://api.openai.com/v1"
 NO_KEY = "EMPTY"  # what local servers (vLLM, llama.cpp) accept when they check no key
 RETRY_STATUS = frozenset({408, 409, 429})  # and every 5xx
+# A refused or dropped connection is retried this often, quickly: a server that is down
+# should fail the run within seconds, naming its address, not after minutes of back-off.
+CONNECT_RETRIES, CONNECT_DELAY = 3, 0.5
 # Models that reject `max_tokens` and want `max_completion_tokens` (reasoning models).
 COMPLETION_TOKENS_PREFIXES = ("o1", "o3", "o4", "gpt-5")
 
@@ -60,9 +64,9 @@ class OpenAIBackend:
         spec: ModelSpec,
         *,
         env: Mapping[str, str] | None = None,
-        timeout: float = 120.0,
+        timeout: float | None = None,
         max_retries: int = 8,
-        base_delay: float = 1.0,
+        base_delay: float | None = None,
         max_delay: float = 60.0,
         jitter_seed: int = 0,
     ):
@@ -71,27 +75,35 @@ class OpenAIBackend:
         self.base_url = (env.get(spec.base_url_env) or OPENAI_URL).rstrip("/")
         # Checked at the first call, not here: replaying from the cache needs no key.
         self._key = env.get(spec.api_key_env) or ""  # never in repr, identity() or errors
-        self.timeout, self.max_retries = timeout, max_retries
-        self.base_delay, self.max_delay = base_delay, max_delay
+        # A deadline per request and a shorter one to connect, from the profile by default.
+        self.timeout = openai.Timeout(
+            timeout or spec.timeout_s, connect=min(spec.connect_timeout_s, timeout or 1e9)
+        )
+        self.max_retries = max_retries
+        self.base_delay = spec.retry_base_s if base_delay is None else base_delay
+        self.max_delay = max_delay
         # Jitter only spreads retries out in time; it never changes an answer.
         self._jitter = random.Random(jitter_seed)
 
     def __repr__(self) -> str:
         return f"OpenAIBackend(model={self.spec.model!r}, base_url={public_url(self.base_url)!r})"
 
+    @property
+    def served_model(self) -> str:
+        """The model name sent: the dated snapshot (``revision``) when the profile pins one."""
+        return self.spec.revision or self.spec.model
+
     def identity(self) -> dict:
         return {
             "backend": self.name,
             "model": self.spec.model,
+            "revision": self.spec.revision,
             "base_url": public_url(self.base_url),
         }
 
     # --- public -----------------------------------------------------------------
 
-    def generate(self, requests: Sequence[ChatRequest]) -> list[Completion]:
-        if not requests:
-            return []
-        refuse_answer_format(self.name, requests)
+    def _need_key(self) -> None:
         if not self._key:
             if urlsplit(self.base_url).hostname == "api.openai.com":
                 raise ModelError(
@@ -100,6 +112,47 @@ class OpenAIBackend:
                     f"local server"
                 )
             self._key = NO_KEY
+
+    def check(self) -> None:
+        """Preflight: the server answers and takes the key (one models listing), or a clear
+        ModelError naming the address and what to do, before any stage starts."""
+        self._need_key()
+        client = openai.OpenAI(
+            base_url=self.base_url, api_key=self._key, max_retries=0,
+            timeout=openai.Timeout(10.0, connect=self.spec.connect_timeout_s),
+        )  # fmt: skip
+        where = public_url(self.base_url)
+        try:
+            client.models.list()
+        except openai.AuthenticationError:
+            raise ModelError(
+                f"{where} refused the key in {self.spec.api_key_env} (HTTP 401) for "
+                f"{self.spec.model!r}: set a valid key"
+            ) from None
+        except (openai.APIConnectionError, openai.APITimeoutError) as err:
+            raise ModelError(
+                f"{self.spec.model!r}: the server at {where} cannot be reached "
+                f"({type(err).__name__}): start it, or point {self.spec.base_url_env} at one"
+            ) from None
+        except openai.APIStatusError:
+            pass  # reachable and keyed; some servers list no models
+        finally:
+            client.close()
+
+    def generate(self, requests: Sequence[ChatRequest]) -> list[Completion]:
+        if not requests:
+            return []
+        refuse_answer_format(self.name, requests)
+        if self.spec.served_adapters == "refuse" and any(r.adapter for r in requests):
+            adapter = next(r.adapter for r in requests if r.adapter)
+            raise ModelError(
+                f"{self.spec.model!r} at {public_url(self.base_url)} was asked for the LoRA "
+                f"adapter {adapter}, which an OpenAI-compatible endpoint cannot load per "
+                f"request: serve it (vllm serve --enable-lora --lora-modules "
+                f"{adapter_name(adapter)}={adapter}) and set served_adapters: by_name for this "
+                f"role, or use the vllm backend"
+            )
+        self._need_key()
         return _run_coroutine(self._generate_all(list(requests)))
 
     # --- internals ---------------------------------------------------------------
@@ -143,13 +196,20 @@ class OpenAIBackend:
                 reason = self._retry_reason(err)
                 if reason is None:
                     raise self._error(f"failed: {self._describe(err)}", index, request) from None
+                refused = reason == "connection error"
+                if refused and attempt >= CONNECT_RETRIES:
+                    raise self._error(
+                        f"cannot connect after {attempt + 1} attempts ({self._describe(err)})",
+                        index,
+                        request,
+                    ) from None
                 if attempt == self.max_retries:
                     raise self._error(
                         f"still failing after {attempt + 1} attempts (last: {reason})",
                         index,
                         request,
                     ) from None
-                delay = self._delay(attempt, err)
+                delay = CONNECT_DELAY if refused else self._delay(attempt, err)
                 log.warning(
                     "%s request %d: %s; retry %d/%d in %.2fs",
                     self.spec.model,
@@ -163,20 +223,14 @@ class OpenAIBackend:
         raise AssertionError("unreachable")  # the loop returns or raises
 
     async def _once(self, client: openai.AsyncOpenAI, request: ChatRequest) -> Completion:
-        tokens_arg = (
-            "max_completion_tokens"
-            if self.spec.model.startswith(COMPLETION_TOKENS_PREFIXES)
-            else "max_tokens"
-        )
         try:
             reply = await client.chat.completions.create(
-                model=self.spec.model,
+                model=adapter_name(request.adapter) if request.adapter else self.served_model,
                 messages=request.as_openai_messages(),
                 temperature=request.temperature,
-                top_p=request.top_p,
                 seed=request.seed,
                 n=1,
-                **{tokens_arg: request.max_tokens},
+                **request_options(self.served_model, request),
             )
         except ValueError as err:  # the body was not JSON (json.JSONDecodeError)
             raise _Unusable(f"reply is not valid JSON ({type(err).__name__})") from err
@@ -224,6 +278,34 @@ class OpenAIBackend:
             f"{request.sample_index}) {self._scrub(what)}. Completed calls are cached; check the "
             f"server and rerun."
         )
+
+
+def request_options(model: str, request: ChatRequest) -> dict:
+    """The optional fields of one chat-completions call: only what the request sets.
+
+    v1 sent a temperature and nothing more to its audience and judge, so an unset
+    top_p or max_tokens is left to the server. top_k and add_special_tokens are not
+    OpenAI parameters; OpenAI-compatible servers such as ``vllm serve`` take them as
+    extra body fields (OpenAI itself refuses them, with an error naming the field).
+    """
+    options: dict[str, Any] = {}
+    if request.top_p is not None:
+        options["top_p"] = request.top_p
+    if request.max_tokens is not None:
+        name = (
+            "max_completion_tokens"
+            if model.startswith(COMPLETION_TOKENS_PREFIXES)
+            else "max_tokens"
+        )
+        options[name] = request.max_tokens
+    extra = {}
+    if request.top_k is not None:
+        extra["top_k"] = request.top_k
+    if request.add_special_tokens:
+        extra["add_special_tokens"] = True
+    if extra:
+        options["extra_body"] = extra
+    return options
 
 
 def _completion(reply: Any) -> Completion:

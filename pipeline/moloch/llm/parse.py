@@ -195,3 +195,54 @@ def parse_message(text: str, task_tag: str) -> Parsed:
     ``truncated``: it is what the player wrote, and the audience can judge it.
     """
     return _decide(_occurrences(_without_thoughts(text), task_tag), _stripped)
+
+
+# --- the authors' reading, exactly ----------------------------------------------------------
+#
+# v1 read every answer with ``response.split(f"<{field}>")[1].split(f"</{field}>")[0]``
+# inside a bare ``try`` (artsco/voter/utils.py:11-15, trends/utils.py:13-17): the text
+# after the first opening tag anywhere (inside a <think> block too), up to the next
+# closing tag or the next opening tag, case-sensitive and unstripped; None without one.
+# A vote counted only if that text was exactly "A" or "B" (artsco/voter/voter.py:68-70);
+# a probe answer was compared with ``answer.lower() == "yes"`` / ``"no"``
+# (trends/sales_q1.py:48-55; a missing tag made ``.lower()`` fail, which stopped the run).
+
+
+def v1_field(text: str, field: str) -> str | None:
+    """The authors' ``extract_xml_field``: see the comment above."""
+    parts = text.split(f"<{field}>")
+    if len(parts) < 2:
+        return None
+    return parts[1].split(f"</{field}>")[0]
+
+
+def v1_vote(text: str) -> Parsed:
+    """A vote as v1 read it: ``"A"`` or ``"B"`` exactly, else invalid."""
+    value = v1_field(text, VOTE)
+    if value is None:
+        return Parsed.invalid(MISSING_TAG)
+    return Parsed(value=value) if value in ("A", "B") else Parsed.invalid(NOT_A_OR_B)
+
+
+def v1_yes_no(text: str, field: str) -> Parsed:
+    """A probe verdict as v1 read it: 1 for ``yes`` and 0 for ``no`` in any case, unstripped."""
+    value = v1_field(text, field)
+    if value is None:
+        return Parsed.invalid(MISSING_TAG)  # v1 would have stopped here
+    if value.lower() == "yes":
+        return Parsed(value=1)
+    if value.lower() == "no":
+        return Parsed(value=0)
+    return Parsed.invalid(NOT_YES_OR_NO)
+
+
+def v1_thought(text: str) -> Parsed:
+    """A thought as v1 read it: as is, a blank one included."""
+    value = v1_field(text, THINK)
+    return Parsed.invalid(MISSING_TAG) if value is None else Parsed(value=value)
+
+
+READERS = {
+    "v1": {"vote": v1_vote, "yes_no": v1_yes_no, "thought": v1_thought},
+    "tolerant": {"vote": parse_vote, "yes_no": parse_yes_no, "thought": parse_thought},
+}

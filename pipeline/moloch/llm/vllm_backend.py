@@ -23,18 +23,25 @@ from ..hashing import object_sha256
 from ..seeds import sampling_seed
 from .adapters import adapter_name
 from .base import ChatRequest, Completion, refuse_answer_format
-from .embedded import resolve_model, weights_identity
+from .embedded import check_source, resolve_model, weights_identity
+from .sampling import model_defaults, resolve
 
 MAX_LORA_RANK = 16  # the study's LoRA rank (docs/protocol.md §5)
 INSTALL_HINT = "pip install '.[gpu]' (vLLM, on a Linux machine with a CUDA GPU)"
 
 
-def sampling_kwargs(request: ChatRequest, min_tokens: int = 0) -> dict:
-    """The ``vllm.SamplingParams`` arguments of one request (temperature 0: greedy)."""
+def sampling_kwargs(request: ChatRequest, defaults: dict, min_tokens: int = 0) -> dict:
+    """The ``vllm.SamplingParams`` arguments of one request (temperature 0: greedy).
+
+    ``defaults``: the model's top_k/top_p (``moloch.llm.sampling``), for what the request
+    leaves unset; given explicitly, since vLLM's own default would leave top_k off.
+    """
+    top_k, top_p = resolve(request, defaults)
     return {
         "n": 1,
         "temperature": request.temperature,
-        "top_p": request.top_p,
+        "top_p": top_p,
+        "top_k": top_k or -1,  # vLLM: -1 is no cut
         "max_tokens": request.max_tokens,
         "min_tokens": min_tokens,
         "seed": sampling_seed(request.seed, request.sample_index, request.messages),
@@ -75,6 +82,18 @@ class VLLMBackend:
         self.engine_kwargs = engine_kwargs  # extra vllm.LLM arguments (gpu_memory_utilization...)
         self.loras = LoraRegistry()
         self._engine = None
+        self.sampling_defaults: dict | None = None  # the model's top_k/top_p, once started
+
+    def check(self) -> None:
+        """Preflight: vLLM is importable and the weights can be found (nothing is started)."""
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise ModelError(
+                f"backend 'vllm' for {self.spec.model!r} needs vLLM, which is not installed: "
+                f"{INSTALL_HINT}"
+            )
+        check_source(self.spec.model, self.spec.revision)
 
     def identity(self) -> dict:
         weights = weights_identity(self.name, self.spec.model, self.spec.revision)
@@ -102,6 +121,7 @@ class VLLMBackend:
             **self.engine_kwargs,
         }
         try:
+            self.sampling_defaults = model_defaults(source, kwargs["revision"])
             self._engine = vllm.LLM(**kwargs)
         except Exception as err:  # vLLM raises many types; all mean "cannot serve this model"
             raise ModelError(
@@ -110,15 +130,16 @@ class VLLMBackend:
             ) from err
         return self._engine
 
-    def _prompt_ids(self, tokenizer, request: ChatRequest) -> list[int]:
+    def _prompt(self, tokenizer, request: ChatRequest) -> tuple[str, list[int]]:
+        """The chat-templated prompt text and its token ids."""
         extra = {}
         if request.enable_thinking is not None:
             extra["enable_thinking"] = request.enable_thinking
         text = tokenizer.apply_chat_template(
             request.as_openai_messages(), tokenize=False, add_generation_prompt=True, **extra
         )
-        # The template already holds the special tokens; do not add a second BOS.
-        return tokenizer(text, add_special_tokens=False).input_ids
+        # The template holds the special tokens; v1 let the tokenizer add its own too.
+        return text, tokenizer(text, add_special_tokens=request.add_special_tokens).input_ids
 
     def _lora(self, lora_request_cls, path: str):
         name, lora_id, folder = self.loras.lookup(path)
@@ -136,15 +157,21 @@ class VLLMBackend:
         from vllm import SamplingParams
         from vllm.lora.request import LoRARequest
 
+        if any(r.max_tokens is None for r in requests):
+            raise ModelError("the vllm backend needs max_tokens on every request")
         tokenizer = engine.get_tokenizer()
-        prompts = [{"prompt_token_ids": self._prompt_ids(tokenizer, r)} for r in requests]
-        params = [SamplingParams(**sampling_kwargs(r, min_new_tokens or 0)) for r in requests]
+        rendered = [self._prompt(tokenizer, r) for r in requests]
+        prompts = [{"prompt_token_ids": ids} for _, ids in rendered]
+        params = [
+            SamplingParams(**sampling_kwargs(r, self.sampling_defaults, min_new_tokens or 0))
+            for r in requests
+        ]
         loras = [self._lora(LoRARequest, r.adapter) if r.adapter else None for r in requests]
         outputs = engine.generate(prompts, params, lora_request=loras, use_tqdm=False)
         if len(outputs) != len(requests):
             raise ModelError(f"vLLM answered {len(outputs)} of {len(requests)} requests")
         completions = []
-        for out, lora in zip(outputs, loras, strict=True):
+        for out, lora, (text, _) in zip(outputs, loras, rendered, strict=True):
             best = out.outputs[0]
             completions.append(
                 Completion(
@@ -152,7 +179,7 @@ class VLLMBackend:
                     prompt_tokens=len(out.prompt_token_ids),
                     completion_tokens=len(best.token_ids),
                     finish_reason=best.finish_reason or "stop",
-                    meta={"adapter": lora.lora_name if lora else None},
+                    meta={"adapter": lora.lora_name if lora else None, "prompt": text},
                 )
             )
         return completions

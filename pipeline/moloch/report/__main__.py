@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..cells import write_cells
 from ..claims import write_claims
-from ..errors import MolochError, StageError
+from ..errors import StageError, guarded
 from ..paths import ROOT
 from ..runs import Run, find_run
 from . import notebooks
@@ -134,12 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--renderer", choices=("auto", "quarto", "offline"), default="auto")
     parser.add_argument("--root", type=Path, default=ROOT, help="the book's folder (_quarto.yml)")
     args = parser.parse_args(argv)
-    try:
-        run = find_run(args.profile, args.run_dir)
-        out = build(run, args.chapter, args.stages, args.force, args.renderer, args.root)
-    except MolochError as err:
-        print(f"moloch: error: {err}", file=sys.stderr)
-        return 1
+    return guarded(lambda: _main(args))
+
+
+def _main(args) -> int:
+    run = find_run(args.profile, args.run_dir)
+    out = build(run, args.chapter, args.stages, args.force, args.renderer, args.root)
     print(
         f"executed {len(out['executed'])} analysis notebook(s): "
         f"{', '.join(out['executed']) or 'none stale'}\n"

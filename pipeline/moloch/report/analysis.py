@@ -72,6 +72,26 @@ def pct(x: float | None, digits: int = 1, signed: bool = False) -> str:
     return f"{x * 100:{'+' if signed else ''}.{digits}f}%"
 
 
+# Every ASCII punctuation mark pandoc's Markdown may read as structure (emphasis, headings,
+# lists, links, raw HTML, tables, shortcodes, cross-references); a backslash makes it literal.
+_MARKUP = re.compile(r"([!-/:-@\[-`{-~])")
+
+
+def literal(text: object) -> str:
+    """Untrusted text (a model's reply, a persona's name) as Markdown that shows it literally.
+
+    Whitespace is folded to single spaces and every punctuation mark is escaped, so no reply
+    can become a heading, a table, raw HTML, a Typst command, a shortcode or a reference.
+    """
+    return _MARKUP.sub(r"\\\1", " ".join(str(text).split()))
+
+
+def quote(text: object, limit: int = 700) -> str:
+    """Untrusted text as a Markdown block quote, cut at ``limit`` characters."""
+    text = " ".join(str(text or "(empty)").split())
+    return "> " + literal(text[:limit]) + (" ..." if len(text) > limit else "")
+
+
 def interval(estimate: float, low: float, high: float, signed: bool = False) -> str:
     """``55.0% [48.1%, 61.2%]``."""
     if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in (low, high)):
@@ -111,7 +131,16 @@ def markdown_table(df: pd.DataFrame) -> str:
     return "\n".join([header, rule, *body])
 
 
-CLAIM_COLOURS = {"reproduced": "green", "differs": "red", "not computable": "amber"}
+CLAIM_COLOURS = {
+    "reproduced": "green",
+    "differs": "red",
+    "inconclusive": "amber",
+    "not computable": "amber",
+}
+RULES = {  # the claims table's short names of the verdict rules (moloch.claims.TOLERANCES)
+    "equivalence": "same cell",
+    "equivalence_any_candidate": "any candidate",
+}
 
 
 def claims_table(verdicts: pd.DataFrame, profile: Profile) -> pd.DataFrame:
@@ -140,14 +169,47 @@ def claims_table(verdicts: pd.DataFrame, profile: Profile) -> pd.DataFrame:
                 for v, lo, hi in zip(verdicts.value, verdicts.ci_low, verdicts.ci_high, strict=True)
             ],
             "verdict": [coloured(s, CLAIM_COLOURS.get(s, "grey")) for s in verdicts.status],
+            "rule": verdicts["rule"].map(RULES).fillna("-"),
             "reason": reasons,
         }
     )
 
 
+def parser_note(wins: pd.DataFrame, rates: pd.DataFrame, profile: Profile) -> str:
+    """One sentence: on how many votes and labels v1's reading and the tolerant parser differ."""
+    votes = wins["n_parser_disagreements"].dropna()
+    labels = rates["n_parser_disagreements"].dropna()
+    if votes.empty and labels.empty:
+        return "This run's tables predate the second reading of each reply."
+    return (
+        f"Read as v1 read them and by the tolerant parser, the replies give a different vote "
+        f"on {int(votes.sum())} ballot(s) and a different label on {int(labels.sum())} "
+        f"judgement(s); this run counts votes by the {profile.audience.parser} reading and "
+        f"labels by the {profile.judge.parser} reading."
+    )
+
+
+def regime_note(cells: pd.DataFrame) -> str:
+    """One sentence: how many cells lie where their interval's coverage was not validated."""
+    regimes = cells["coverage_regime"].fillna("validated")
+    off = regimes[regimes != "validated"].value_counts()
+    if off.empty:
+        return "Every interval here lies where the coverage benchmark validated its type."
+    listed = ", ".join(f"{n} {why}" for why, n in off.items())
+    return (
+        f"Of its {len(cells)} intervals, some lie outside the sizes where the coverage "
+        f"benchmark validated their type ({listed}): read them as approximate or conservative "
+        f"(moloch.bench_coverage)."
+    )
+
+
 def win_rates(cells: pd.DataFrame) -> pd.DataFrame:
-    """Win-rate cells with the performance figure (win rate minus 0.5)."""
-    w = cells[cells["kind"] == "win_rate"].copy()
+    """Win-rate cells (unrounded) with the performance figure (win rate minus 0.5) and the
+    authors' statistic beside them (``v1_estimate``: each duel's share rounded first)."""
+    w = cells[(cells["kind"] == "win_rate") & (cells["statistic"] == "win_rate_second")].copy()
+    v1 = cells[(cells["kind"] == "win_rate") & (cells["statistic"] == "win_rate_second_v1")]
+    rounded = v1.set_index(["task", "model", "pair"])["estimate"]
+    w["v1_estimate"] = [rounded.get(k) for k in zip(w.task, w.model, w.pair, strict=True)]
     w["performance"] = w["estimate"] - 0.5
     return w
 

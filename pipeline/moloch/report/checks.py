@@ -22,8 +22,13 @@ from ..errors import DataError
 BAD_TEXT = re.compile(r"\b(nan|NaN|None)\b|\{\{<|\?@|(?<![\w`])@(?:fig|tbl)-[\w-]+")
 
 
+# Not checked: code, and block quotes, where the book shows models' replies literally
+# (a reply may well say "None" or "@fig-1").
+UNCHECKED = ("script", "style", "blockquote")
+
+
 class _Page(HTMLParser):
-    """Visible text and image sources of an HTML page."""
+    """Visible text (outside quotes of model output) and image sources of an HTML page."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -32,13 +37,13 @@ class _Page(HTMLParser):
         self._hidden = 0
 
     def handle_starttag(self, tag: str, attrs: list) -> None:
-        if tag in ("script", "style"):
+        if tag in UNCHECKED:
             self._hidden += 1
         if tag == "img":
             self.images += [v for k, v in attrs if k == "src" and v]
 
     def handle_endtag(self, tag: str) -> None:
-        if tag in ("script", "style") and self._hidden:
+        if tag in UNCHECKED and self._hidden:
             self._hidden -= 1
 
     def handle_data(self, data: str) -> None:

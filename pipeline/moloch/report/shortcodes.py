@@ -31,7 +31,8 @@ from ..errors import DataError
 EMBED = re.compile(
     r"^\{\{<\s*embed\s+(?P<path>[^#\s]+\.ipynb)#(?P<label>[\w-]+)\s*>\}\}[ \t]*$", re.M
 )
-CROSSREF = re.compile(r"(?<![\w@`])@(?P<label>(?:fig|tbl)-[\w-]*\w)")
+# Not after a backslash: an escaped "\@fig-x" in shown text is literal, not a reference.
+CROSSREF = re.compile(r"(?<![\w@`\\])@(?P<label>(?:fig|tbl)-[\w-]*\w)")
 CALLOUTS = ("note", "tip", "warning", "important", "caution")
 FRONT_MATTER_KEYS = ("title",)
 
