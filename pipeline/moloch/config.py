@@ -41,6 +41,23 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class VLLMEngine(Strict):
+    """Settings of a vLLM engine (backend ``vllm``) that decide where it fits, not what it says:
+    they are not part of the model's identity or the call-cache key."""
+
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0.0, le=1.0,
+        description="share of the GPU's memory the engine takes (CPU build: of the RAM; 0.9 "
+        "fails to start on a 24 GiB machine, 0.1-0.25 works)",
+    )  # fmt: skip
+    max_model_len: int | None = Field(
+        default=None, gt=0, description="longest prompt + reply in tokens; None: the model's"
+    )
+    tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs one engine spans")
+    max_num_seqs: int = Field(default=256, ge=1, description="sequences decoded at once")
+    max_loras: int = Field(default=4, ge=1, description="LoRA adapters held at once")
+
+
 class ModelSpec(Strict):
     """Which model answers a role, where, and how it samples."""
 
@@ -98,13 +115,19 @@ class ModelSpec(Strict):
     force_answer: bool = Field(
         default=False,
         description="voters and judges: force the reply's <think> and answer tags by "
-        "constrained decoding (transformers backend; for tiny models, not the paper)",
+        "constrained decoding (transformers backend, or vllm serve's structured outputs "
+        "through the openai backend; for tiny models, not the paper)",
+    )
+    engine: VLLMEngine | None = Field(
+        default=None, description="vllm backend: the engine's settings (None: the defaults)"
     )
 
     @model_validator(mode="after")
     def _local_needs_a_budget(self):
         if self.max_tokens is None and self.backend != "openai":
             raise ValueError(f"max_tokens: the {self.backend} backend needs a number")
+        if self.engine is not None and self.backend != "vllm":
+            raise ValueError(f"engine: settings of a vLLM engine, not of backend {self.backend}")
         return self
 
 

@@ -71,6 +71,8 @@ def value(profile: Profile, path: str) -> object:
 
 def _dig(data, rest: str):
     for part in rest.split(".") if rest else []:
+        if data is None:  # an unset sub-section (engine: None): its fields are unset too
+            return None
         data = data[part]
     return data
 

@@ -598,6 +598,11 @@ def markup_campaign(work: Path, cache: Path) -> dict:
     for label, markup in (("clean", False), ("hostile", True)):
         with FaultServer(markup=markup) as server:
             folder = work / f"markup-{label}"
+            if markup:  # the players' answers are the clean run's: reuse them (time only)
+                folder.mkdir(parents=True, exist_ok=True)
+                clean = find_run(run_dir=work / "markup-clean").cache_path
+                with sqlite3.connect(clean) as src, sqlite3.connect(folder / clean.name) as dst:
+                    src.backup(dst)
             proc = cli_run(profile, folder, environment(server, cache))
             proc.communicate(timeout=1800)
         old = dict(os.environ)

@@ -6,7 +6,7 @@
     >>> voter.complete([ChatRequest.chat("Be brief.", "Say hi", temperature=0.1)])
 
 Backends by ``spec.backend``: ``fake`` (tests), ``openai`` (any OpenAI-compatible
-server), ``transformers`` (CPU/GPU with Hugging Face) and ``vllm`` (GPU). The
+server), ``transformers`` (CPU/GPU with Hugging Face) and ``vllm`` (GPU, or its CPU build). The
 last two are imported only when asked for, so the light ones need no torch.
 """
 
@@ -46,7 +46,8 @@ def make_backend(spec: ModelSpec) -> Backend:
         except ImportError as err:
             raise ModelError(
                 f"backend 'vllm' for {spec.model!r} needs vLLM ({err}): install the gpu extra "
-                f"(pip install -e '.[gpu]') on a CUDA machine, or choose another backend"
+                f"(pip install -e '.[gpu]') on a CUDA machine, use vLLM's CPU environment "
+                f"(nox -s vllm builds .nox/vllm), or choose another backend"
             ) from err
         return VLLMBackend(spec)
     raise ModelError(f"unknown backend {spec.backend!r} for {spec.model!r}")

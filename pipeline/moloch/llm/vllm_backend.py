@@ -1,4 +1,4 @@
-"""Generation on a CUDA GPU with vLLM's offline engine (the paper profile's players).
+"""Generation with vLLM's offline engine (the paper profile's players; CUDA, or its CPU build).
 
 ``VLLMBackend(spec)`` starts one ``vllm.LLM`` engine for ``spec.model`` on first
 use (vLLM is imported only then; this module imports without it). Each request
@@ -9,7 +9,10 @@ LoRA adapters are served per request: each adapter folder gets a stable
 integer id (from its resolved path) in a :class:`LoraRegistry`.
 
 The pure helpers (:func:`sampling_kwargs`, :class:`LoraRegistry`) need no vLLM
-and are unit-tested everywhere; the engine itself only on a GPU machine.
+and are unit-tested everywhere; the engine itself where vLLM is installed: its CPU
+build in ``nox -s vllm`` (tests/test_vllm_engine.py), its CUDA build on a GPU.
+The engine's memory and parallelism come from the profile (``engine:``,
+:class:`moloch.config.VLLMEngine`).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..config import ModelSpec
+from ..config import ModelSpec, VLLMEngine
 from ..errors import ModelError
 from ..hashing import object_sha256
 from ..seeds import sampling_seed
@@ -79,7 +82,7 @@ class VLLMBackend:
 
     def __init__(self, spec: ModelSpec, **engine_kwargs):
         self.spec = spec
-        self.engine_kwargs = engine_kwargs  # extra vllm.LLM arguments (gpu_memory_utilization...)
+        self.engine_kwargs = engine_kwargs  # extra vllm.LLM arguments, over spec.engine
         self.loras = LoraRegistry()
         self._engine = None
         self.sampling_defaults: dict | None = None  # the model's top_k/top_p, once started
@@ -111,13 +114,14 @@ class VLLMBackend:
                 f"({err}); install it with: {INSTALL_HINT}, or choose the transformers backend"
             ) from err
         source = resolve_model(self.spec.model)
+        settings = self.spec.engine or VLLMEngine()
         kwargs = {
             "model": str(source),
             "revision": None if isinstance(source, Path) else self.spec.revision,
             "enable_lora": True,
             "max_lora_rank": MAX_LORA_RANK,
-            "max_loras": 4,
             "dtype": self.spec.dtype,
+            **settings.model_dump(),
             **self.engine_kwargs,
         }
         try:
@@ -129,6 +133,14 @@ class VLLMBackend:
                 f"id, that a CUDA GPU is visible, and the GPU memory settings."
             ) from err
         return self._engine
+
+    def close(self) -> None:
+        """Stop the engine and the processes it spawned (before the interpreter exits)."""
+        if self._engine is not None:
+            core = getattr(self._engine.llm_engine, "engine_core", None)
+            if core is not None:
+                core.shutdown()
+            self._engine = None
 
     def _prompt(self, tokenizer, request: ChatRequest) -> tuple[str, list[int]]:
         """The chat-templated prompt text and its token ids."""
