@@ -163,6 +163,26 @@ def test_probe_rate_uses_wilson_not_wald():
     assert stats.probe_rate_bounds(labels_table("base", [1, 0, None, None])) == (0.25, 0.75)
 
 
+def test_probe_rate_with_few_events_is_exact():
+    """1 Yes in 16: Wilson's lower limit (0.011) would pass over a true rate of 0.01."""
+    est = stats.probe_rate(labels_table("base", [1] + [0] * 15))
+    assert est.interval_method == "clopper_pearson"
+    assert est.ci_low == pytest.approx(sps.beta.ppf(0.025, 1, 16))
+    assert est.ci_high == pytest.approx(sps.beta.ppf(0.975, 2, 15))
+    assert est.ci_low < 0.01 < stats.wilson(1, 16)[0]
+
+
+@given(k=st.integers(0, 300), extra=st.integers(0, 300))
+def test_rate_interval_properties(k, extra):
+    n = k + extra
+    lo, hi, how = stats.rate_interval(k, n)
+    if n == 0:
+        assert how == "undefined"
+        return
+    assert 0.0 <= lo <= k / n <= hi <= 1.0 and hi > lo
+    assert how == ("wilson" if min(k, extra) >= stats.MIN_EVENTS else "clopper_pearson")
+
+
 def test_probe_rate_all_invalid_is_undefined():
     assert stats.probe_rate(labels_table("base", [None, None])).interval_method == "undefined"
 

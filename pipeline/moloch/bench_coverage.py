@@ -58,15 +58,15 @@ DESIGNS = {"paper": (1024, 20), "smoke": (16, 5)}  # (test anchors, voters)
 
 @dataclass(frozen=True)
 class Scenario:
-    kind: str  # cluster_win_rate | wilson_rate | paired_difference | paired_ratio
+    kind: str  # cluster_win_rate | probe_rate | paired_difference | paired_ratio
     size: int
     voters: int | None = None
-    param: str | float | None = None  # wilson: the rate; paired: a PAIRED key
+    param: str | float | None = None  # probe_rate: the rate; paired: a PAIRED key
 
 
 def scenarios() -> list[Scenario]:
     out = [Scenario("cluster_win_rate", n, k) for n in SIZES for k in (5, 20)]
-    out += [Scenario("wilson_rate", n, None, p) for n in SIZES for p in RATES]
+    out += [Scenario("probe_rate", n, None, p) for n in SIZES for p in RATES]
     out += [
         Scenario(kind, n, None, name)
         for kind in ("paired_difference", "paired_ratio")
@@ -85,7 +85,7 @@ def _joint(name: str) -> tuple[float, float, float, float]:
 def truth(s: Scenario) -> float:
     if s.kind == "cluster_win_rate":
         return WIN_MEAN
-    if s.kind == "wilson_rate":
+    if s.kind == "probe_rate":
         return float(s.param)
     t, b, _ = PAIRED[s.param]
     return t - b if s.kind == "paired_difference" else t / b - 1
@@ -108,9 +108,10 @@ def _interval(s: Scenario, rng, resamples: int) -> tuple[float, float, int]:
         second, valid = _draw_votes(rng, s.size, s.voters, WIN_MEAN)
         est = stats.win_rate_from_counts(second, valid, 0, int(rng.integers(2**32)), resamples)
         return est.ci_low, est.ci_high, s.size
-    if s.kind == "wilson_rate":
+    if s.kind == "probe_rate":
         k = int(rng.binomial(s.size, s.param))
-        return (*stats.wilson(k, s.size), k)
+        low, high, _ = stats.rate_interval(k, s.size)
+        return low, high, min(k, s.size - k)
     t, b = _draw_labels(rng, s.size, _joint(s.param))
     if s.kind == "paired_difference":
         return (*stats.newcombe_difference(t, b), int(min(t.sum(), b.sum())))
@@ -139,7 +140,7 @@ def run_scenario(s: Scenario, sims: int, resamples: int, seed: int) -> dict:
     coverage = float(covered[defined].mean()) if defined.any() else float("nan")
     finite = defined & np.isfinite(high)
     expected_events = s.size * (PAIRED[s.param][1] if s.kind.startswith("paired") else 1.0)
-    if s.kind == "wilson_rate":
+    if s.kind == "probe_rate":
         expected_events = s.size * min(s.param, 1 - s.param)
     return {
         "kind": s.kind,
@@ -226,7 +227,7 @@ def _simulated_cell(rng, claim, design, truth_value: float, resamples: int, base
     if stat == "probe_rate":
         rate = float(np.clip(truth_value, 0.0, 1.0))
         yes = int(rng.binomial(n, rate))
-        low, high = stats.wilson(yes, n)
+        low, high, _ = stats.rate_interval(yes, n)
         return yes / n, low, high, n
     # relative change in %: the trained rate is base * (1 + truth / 100)
     trained = float(np.clip(base_rate * (1 + truth_value / 100), 0.0, 1.0))
