@@ -33,22 +33,28 @@ class _Page(HTMLParser):
     def __init__(self) -> None:
         super().__init__()
         self.text: list[str] = []
+        self.quoted: list[str] = []  # the block quotes' text: models' output, shown literally
         self.images: list[str] = []
-        self._hidden = 0
+        self._hidden = self._quotes = 0
 
     def handle_starttag(self, tag: str, attrs: list) -> None:
         if tag in UNCHECKED:
             self._hidden += 1
+        self._quotes += tag == "blockquote"
         if tag == "img":
             self.images += [v for k, v in attrs if k == "src" and v]
 
     def handle_endtag(self, tag: str) -> None:
         if tag in UNCHECKED and self._hidden:
             self._hidden -= 1
+        if tag == "blockquote" and self._quotes:
+            self._quotes -= 1
 
     def handle_data(self, data: str) -> None:
         if not self._hidden:
             self.text.append(data)
+        if self._quotes:
+            self.quoted.append(data)
 
 
 def table_first_column(markdown: str) -> list[str]:
@@ -77,9 +83,14 @@ def bad_text(text: str) -> list[str]:
     ]
 
 
-def check_page(page: Path) -> list[str]:
+def _parse(page: Path) -> _Page:
     parser = _Page()
     parser.feed(page.read_text(encoding="utf-8"))
+    return parser
+
+
+def check_page(page: Path) -> list[str]:
+    parser = _parse(page)
     problems = [f"{page.name}: shows {snippet!r}" for snippet in bad_text(" ".join(parser.text))]
     for src in parser.images:
         url = urlparse(src)
@@ -97,15 +108,25 @@ def pdf_text(pdf: Path) -> str:
 
 
 def _squash(text: str) -> str:
-    return re.sub(r"\s+", "", text)
+    """``text`` without whitespace and hyphens: Typst breaks lines anywhere in a table cell,
+    and some of its fonts' hyphens come out of the PDF as soft hyphens (U+00AD)."""
+    return re.sub(r"[\s\u00ad-]+", "", text)
 
 
-def check_pdf(pdf: Path, required: list[str]) -> list[str]:
+def check_pdf(pdf: Path, required: list[str], quoted: str = "") -> list[str]:
+    """Problems of the PDF; ``quoted``: the text the HTML pages show in block quotes (the
+    PDF has no quotes to skip, so a suspicious string found inside that text is not one)."""
     if not pdf.is_file():
         return [f"the PDF {pdf} was not written"]
     text = pdf_text(pdf)
-    problems = [f"{pdf.name}: shows {snippet!r}" for snippet in bad_text(text)]
-    # Typst breaks lines anywhere in a table cell, so compare without whitespace.
+    literal = _squash(quoted)
+    problems = []
+    for m in BAD_TEXT.finditer(text):
+        # Inside a quote, the match and what stands on one side of it are quoted text too.
+        left, right = text[max(0, m.start() - 12) : m.end()], text[m.start() : m.end() + 12]
+        if not (literal and (_squash(left) in literal or _squash(right) in literal)):
+            snippet = text[max(0, m.start() - 30) : m.end() + 30].replace("\n", " ")
+            problems.append(f"{pdf.name}: shows {snippet!r}")
     squashed = _squash(text)
     problems += [f"{pdf.name}: lacks {s!r}" for s in required if _squash(s) not in squashed]
     return problems
@@ -118,7 +139,8 @@ def check_book(output_dir: Path, pdf: Path | None, required: list[str] = ()) -> 
         raise DataError(f"no HTML page in {output_dir}: render the book first")
     problems = [p for page in pages for p in check_page(page)]
     if pdf is not None:
-        problems += check_pdf(pdf, list(required))
+        quoted = " ".join(t for page in pages for t in _parse(page).quoted)
+        problems += check_pdf(pdf, list(required), quoted)
     if problems:
         raise DataError(
             f"the rendered book in {output_dir} has problems:\n  " + "\n  ".join(problems)
