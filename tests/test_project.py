@@ -103,3 +103,16 @@ def test_every_document_reference_resolves_to_a_section_in_the_repository():
             assert target.is_file(), (path, document)
             assert re.search(rf"^## {section}\. ", target.read_text(), re.M), (path, section)
     assert found >= 15
+
+
+def test_every_module_of_the_package_imports():
+    """A module no test imports (a benchmark, a CLI) still has to load: names drift."""
+    import importlib
+    import pkgutil
+
+    import moloch
+
+    names = [m.name for m in pkgutil.walk_packages(moloch.__path__, "moloch.")]
+    assert "moloch.bench_runtime" in names and len(names) > 40
+    for name in names:
+        importlib.import_module(name)

@@ -27,7 +27,7 @@ from pathlib import Path
 from .config import ModelSpec
 from .files import write_atomic
 from .llm.base import ChatRequest, Completion
-from .paths import run_dir
+from .paths import runs_dir
 
 SEED = 20251007
 SYSTEM = "You are a helpful assistant."
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--batches", default="1,8,16", help="comma-separated batch sizes")
     parser.add_argument("--new-tokens", type=int, default=200)
     parser.add_argument("--dtypes", default="float32", help="e.g. float32,bfloat16")
-    parser.add_argument("--out", type=Path, default=run_dir("bench") / "runtime.json")
+    parser.add_argument("--out", type=Path, default=runs_dir() / "bench" / "runtime.json")
     args = parser.parse_args(argv)
 
     from .llm.hf import CACHE_IMPLEMENTATION, TransformersBackend
