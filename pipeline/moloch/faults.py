@@ -424,7 +424,7 @@ def _rewrite_paths(folder: Path, reference: Path) -> None:
 def bad_inputs(work: Path) -> list[tuple[str, list[str]]]:
     smoke = load_profile("smoke").model_dump(mode="json")
 
-    def profile(name: str, **changes) -> str:
+    def profile(label: str, **changes) -> str:
         spec = json.loads(json.dumps(smoke))
         for key, value in changes.items():
             section, _, field = key.partition("__")
@@ -432,7 +432,7 @@ def bad_inputs(work: Path) -> list[tuple[str, list[str]]]:
                 spec[section][field] = value
             else:
                 spec[section] = value
-        path = work / f"bad-{name}.yaml"
+        path = work / f"bad-{label}.yaml"
         path.write_text(yaml.safe_dump(spec))
         return str(path)
 
@@ -471,7 +471,7 @@ def bad_inputs(work: Path) -> list[tuple[str, list[str]]]:
         ("only and until", ["run", "--only", "probe", "--until", "compete"]),
         ("unknown task flag", ["run", "--task", "cooking"]),
         ("unknown model flag", ["run", "--model", "nobody"]),
-        ("run folder of another profile", ["run", "--run-dir", str(other)]),
+        ("run folder of another profile", run + ["smoke", "--run-dir", str(other)]),
         ("run folder with no profile", ["run", "--run-dir", str(work / "empty-run")]),
         (
             "a stage before its inputs",
@@ -505,18 +505,20 @@ def bad_input_campaign(work: Path) -> dict:
                 code, traceback = exit.code, False
             except Exception:  # noqa: BLE001 - what the campaign counts
                 code, traceback = None, True
-        lines = err.getvalue().strip().splitlines()
+        text = err.getvalue()
+        lines = text.strip().splitlines()
+        # The error's first line says what and what to do (a profile's keys follow it).
+        first = lines[0] if lines else ""
         results.append({
-            "input": name, "exit_code": code, "traceback": traceback,
-            "one_line": bool(lines) and (lines[-1].startswith("moloch: error:")
-                                          or lines[-1].startswith("usage:")
-                                          or "error:" in lines[-1]),
-            "message": lines[-1] if lines else "",
+            "input": name, "exit_code": code,
+            "traceback": traceback or "Traceback (most recent call last)" in text,
+            "error_line": first.startswith(("moloch: error:", "usage:")),
+            "message": first if first.startswith("moloch") else lines[-1] if lines else "",
         })  # fmt: skip
     return {
         "inputs": len(results),
         "tracebacks": sum(r["traceback"] for r in results),
-        "clean_errors": sum(r["exit_code"] in (1, 2) and r["one_line"] for r in results),
+        "clean_errors": sum(r["exit_code"] in (1, 2) and r["error_line"] for r in results),
         "details": results,
     }
 
