@@ -306,11 +306,15 @@ def verdict_rates(sims: int, resamples: int, seed: int, base_rate: float = 0.10)
 
 
 def run(sims: int = SIMS, resamples: int = RESAMPLES, seed: int = SEED) -> tuple[dict, dict]:
+    from .bench_runtime import machine  # cores, CPU flags and versions, as every benchmark
+
+    started = time.monotonic()
     rows = [
         run_scenario(s, sims, resamples, cell_seed(seed, s.kind, s.size, s.voters, s.param))
         for s in scenarios()
     ]
     coverage = {
+        "machine": machine(),
         "confidence": stats.DEFAULT_CONFIDENCE,
         "goal": list(GOAL),
         "resamples": resamples,
@@ -327,7 +331,9 @@ def run(sims: int = SIMS, resamples: int = RESAMPLES, seed: int = SEED) -> tuple
             for kind in dict.fromkeys(r["kind"] for r in rows)
         },  # fmt: skip
     }
+    coverage["time_s"] = round(time.monotonic() - started, 1)
     verdicts = {
+        "machine": coverage["machine"],
         "seed": seed,
         "sims_per_claim": max(sims // 10, 20),
         "resamples": resamples // 4,

@@ -56,11 +56,13 @@ def bench_requests(n: int, new_tokens: int) -> list[ChatRequest]:
 def machine() -> dict:
     import torch
 
-    cpu = platform.processor()
+    cpu, flags = platform.processor(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
                 break
     except OSError:
         pass
@@ -76,6 +78,8 @@ def machine() -> dict:
         "python": platform.python_version(),
         "cpu": cpu,
         "cores_available": len(os.sched_getaffinity(0)),
+        # what decides CPU speed here: vector width and bf16/AMX support
+        "cpu_flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c"))),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cuda": torch.cuda.is_available(),
         "versions": versions,

@@ -285,6 +285,12 @@ def kill_campaign(kills: int, work: Path, cache: Path, seed: int) -> dict:
                 "leftovers": leftovers(folder),
             })  # fmt: skip
             shutil.rmtree(folder, ignore_errors=True)
+            # The campaign is long: what it has found so far is on disk after every kill.
+            write_atomic(work / "kills-so-far.json", json.dumps(_kill_counts(results, duration)))
+    return _kill_counts(results, duration)
+
+
+def _kill_counts(results: list[dict], duration: float) -> dict:
     return {
         "kills": len(results),
         "reference_run_s": round(duration, 1),
