@@ -624,29 +624,35 @@ def markup_campaign(work: Path, cache: Path) -> dict:
         html = {p.name: p.read_text() for p in sorted(out["html"].parent.glob("*.html"))}
         books[label] = {"html": html, "pdf": pdf_text(out["pdf"])}
         shutil.copytree(out["html"].parent, work / f"book-{label}")
-    page = books["hostile"]["html"]["sales.html"]
-    shown = 0
-    details = []
+    return markup_shown(books)
+
+
+def markup_shown(books: dict) -> dict:
+    """Whether each MARKUP string shows literally in the hostile book's HTML (escaped) and PDF
+    text, compared with runs of white space folded (pandoc and Typst wrap lines anywhere),
+    and whether the tables of contents equal the clean book's.
+    ``books``: {"clean"|"hostile": {"html": {page name: text}, "pdf": text}}."""
     import html as html_lib
 
+    page = " ".join(books["hostile"]["html"]["sales.html"].split())
     text_pdf = " ".join(books["hostile"]["pdf"].split())
+    shown = 0
+    details = []
     for item in MARKUP:
-        literal_html = html_lib.escape(item, quote=False) in page
+        literal_html = " ".join(html_lib.escape(item, quote=False).split()) in page
         in_pdf = " ".join(item.split()) in text_pdf
         shown += literal_html and in_pdf
         details.append({"markup": item, "literal_in_html": literal_html, "literal_in_pdf": in_pdf})
-    toc = {
-        k: re.findall(r'<nav id="TOC".*?</nav>', v, re.S)
-        for k, v in books["hostile"]["html"].items()
-    }
-    clean_toc = {
-        k: re.findall(r'<nav id="TOC".*?</nav>', v, re.S) for k, v in books["clean"]["html"].items()
-    }
+
+    def tocs(label: str) -> dict:
+        pages = books[label]["html"].items()
+        return {k: re.findall(r'<nav id="TOC".*?</nav>', v, re.S) for k, v in pages}
+
     return {
         "markup_kinds": len(MARKUP),
         "shown_literally": shown,
         "script_tag_live": "<script>alert(1)</script>" in page,
-        "toc_unchanged": toc == clean_toc,
+        "toc_unchanged": tocs("hostile") == tocs("clean"),
         "details": details,
     }
 
