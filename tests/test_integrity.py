@@ -244,3 +244,20 @@ def test_hostile_markup_in_model_output_is_shown_literally_in_the_book(tmp_path,
     result = faults.markup_campaign(tmp_path, cache)
     assert result["shown_literally"] == len(faults.MARKUP) == 6, result["details"]
     assert result["toc_unchanged"] and not result["script_tag_live"]
+
+
+def test_a_gated_model_without_a_token_fails_the_preflight_naming_both(tmp_path, monkeypatch):
+    """The paper's Llama needs an accepted licence: without HF_TOKEN (and not cached) the run
+    stops at the preflight, before any stage and any paid call, naming model and variable."""
+    from moloch.llm import preflight
+
+    # An empty Hugging Face cache (the hub reads its constant at each lookup).
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    for name in ("HF_TOKEN", "HF_HUB_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    llama = load_profile("paper").player("Llama-3.1-8B-Instruct")
+    local = llama.model_copy(update={"backend": "transformers"})  # vLLM is absent here
+    with pytest.raises(ModelError, match=r"meta-llama/Llama-3.1-8B-Instruct is a gated .*HF_TOKEN"):
+        preflight(local)
+    monkeypatch.setenv("HF_TOKEN", "hf_x")
+    preflight(local)  # with a token the download is left to the hub (no call made here)

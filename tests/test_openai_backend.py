@@ -16,6 +16,7 @@ from moloch.errors import ModelError
 from moloch.llm import CallCache, ChatRequest, Completion, get_llm
 from moloch.llm.base import AnswerFormat
 from moloch.llm.cache import call_key
+from moloch.llm.embedded import weights_identity
 from moloch.llm.openai_backend import OpenAIBackend, public_url
 
 SECRET = "sk-test-SECRET-0123456789"
@@ -242,6 +243,20 @@ def test_identity_strips_credentials_from_the_url():
     assert ident == {
         "backend": "openai", "model": "toy", "revision": None, "base_url": "https://host.example/v1"
     }  # fmt: skip
+
+
+def test_a_local_server_is_named_without_its_port_and_by_the_weights_it_serves():
+    """vllm serve starts on a free port each time: its cached answers must outlive the port."""
+    here = [
+        OpenAIBackend(spec(), env={"OPENAI_BASE_URL": f"http://127.0.0.1:{p}/v1"}) for p in (1, 2)
+    ]
+    assert here[0].identity() == here[1].identity() and here[0].identity()["base_url"] == "loopback"
+    served = OpenAIBackend(spec(model="embedded"), env={"OPENAI_BASE_URL": "http://localhost:7/v1"})
+    weights = weights_identity("transformers", "embedded", None)
+    assert served.identity()["checkpoint_sha256"] == weights["checkpoint_sha256"]
+    assert served.identity()["weights_sha256"] == weights["weights_sha256"]
+    remote = OpenAIBackend(spec(model="embedded"), env={"OPENAI_BASE_URL": "https://h.example/v1"})
+    assert "weights_sha256" not in remote.identity()  # a remote name says nothing of weights
 
 
 def test_missing_key_for_openai_names_the_variable():

@@ -3,6 +3,7 @@
     moloch run --profile smoke                       # every stage, every task and model
     moloch run --profile smoke --until compete       # stop after a stage
     moloch run --only probe --task sales --force probe
+    moloch run --force all                           # every stage again (e.g. in replay)
     moloch stages                                    # the stages, in order
 
 (``python -m moloch.cli ...`` is the same without the console script.)
@@ -29,8 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--only", action="append", choices=STAGE_NAMES, help="run only this stage")
     run.add_argument("--until", choices=STAGE_NAMES, help="stop after this stage")
     run.add_argument(
-        "--force", action="append", default=[], choices=STAGE_NAMES, help="rerun this stage"
-    )
+        "--force", action="append", default=[], choices=(*STAGE_NAMES, "all"),
+        help="rerun this stage (all: every stage)",
+    )  # fmt: skip
     run.add_argument("--task", action="append", help="only this task (repeatable)")
     run.add_argument("--model", action="append", help="only this player (repeatable)")
     run.add_argument("--run-dir", help="run folder (default data/runs/<profile>, or $MOLOCH_RUNS)")
@@ -59,12 +61,13 @@ def _main(args) -> int:
     if args.only and args.until:
         raise MolochError("give --only or --until, not both")
     from .runner import run_pipeline
+    from .stages import STAGE_NAMES
 
     reports = run_pipeline(
         args.profile,
         only=args.only,
         until=args.until,
-        force=args.force,
+        force=STAGE_NAMES if "all" in args.force else args.force,
         tasks=args.task,
         models=args.model,
         run_dir=args.run_dir,

@@ -75,12 +75,13 @@ def execute_notebook(source: Path, executed: Path, parameters: dict, folder: Pat
 PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
-def die_with_parent() -> None:
-    """Have the kernel killed when its parent dies (Linux; a no-op elsewhere)."""
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Have this process sent ``sig`` when its parent dies (Linux; a no-op elsewhere): a
+    kernel is killed, a ``vllm serve`` told to stop (moloch.llm.serve)."""
     parent = os.getppid()
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
     except (OSError, AttributeError):
         return
     if os.getppid() != parent:  # the parent died before the signal was armed

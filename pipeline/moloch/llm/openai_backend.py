@@ -34,10 +34,13 @@ from ..errors import ModelError
 from .adapters import adapter_name
 from .base import AnswerFormat, ChatRequest, Completion
 from .client import PartialBatchError
+from .embedded import EMBEDDED, weights_identity
+from .serve import SERVED_DTYPE
 
 log = logging.getLogger(__name__)
 
 OPENAI_URL = "https://api.openai.com/v1"
+LOOPBACK, LOOPBACK_NAME = frozenset({"127.0.0.1", "localhost", "::1"}), "loopback"
 NO_KEY = "EMPTY"  # what local servers (vLLM, llama.cpp) accept when they check no key
 RETRY_STATUS = frozenset({408, 409, 429})  # and every 5xx
 # A refused or dropped connection is retried this often, quickly: a server that is down
@@ -100,12 +103,24 @@ class OpenAIBackend:
         return self.spec.revision or self.spec.model
 
     def identity(self) -> dict:
-        return {
+        """What decides the answers: the model and the server. A server on this machine
+        (``vllm serve`` on a free port, as ``nox -s rehearsal`` starts it) is named
+        ``loopback`` without its port, which changes at every start; one serving the
+        embedded model adds its weights' hashes, so its answers stay replayable."""
+        where = public_url(self.base_url)
+        if urlsplit(self.base_url).hostname in LOOPBACK:
+            where = LOOPBACK_NAME
+        identity = {
             "backend": self.name,
             "model": self.spec.model,
             "revision": self.spec.revision,
-            "base_url": public_url(self.base_url),
+            "base_url": where,
         }
+        if where == LOOPBACK_NAME and self.spec.model == EMBEDDED:
+            weights = weights_identity(self.name, EMBEDDED, None)
+            identity.update({k: weights[k] for k in ("weights_sha256", "checkpoint_sha256")})
+            identity["dtype"] = SERVED_DTYPE  # as moloch.llm.serve serves it
+        return identity
 
     # --- public -----------------------------------------------------------------
 

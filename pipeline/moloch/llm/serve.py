@@ -6,11 +6,18 @@
 The server runs in its own process group, so leaving the block (normally, on an error or
 on Ctrl-C) stops it and every process it spawned; its output goes to ``log``. It needs
 vLLM in the running interpreter's environment (``nox -s vllm`` builds one).
+
+From the command line, a command runs beside a server of the embedded model, whose URL it
+finds in an environment variable (``nox -s rehearsal`` runs the study so):
+
+    python -m moloch.llm.serve --url-env MOLOCH_REHEARSAL_URL --log serve.log -- CMD ARGS...
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -21,7 +28,11 @@ import urllib.request
 from pathlib import Path
 
 from ..errors import ModelError
+from ..kernels import die_with_parent
 
+# The embedded model as served here (float32, as the transformers backend on a CPU): part
+# of the identity of its answers (moloch.llm.openai_backend), since the port is not.
+SERVED_DTYPE = "float32"
 READY_TIMEOUT_S = 600.0  # a CPU engine starts in about a minute; a cold GPU one can take more
 
 
@@ -43,6 +54,7 @@ class VLLMServer:
         log: Path,
         memory: float = 0.1,
         max_model_len: int = 2048,
+        dtype: str = SERVED_DTYPE,
         seed: int = 0,
     ):
         self.port = free_port()
@@ -53,6 +65,7 @@ class VLLMServer:
             "--model", str(model), "--served-model-name", served_name,
             "--host", "127.0.0.1", "--port", str(self.port), "--seed", str(seed),
             "--gpu-memory-utilization", str(memory), "--max-model-len", str(max_model_len),
+            "--dtype", dtype,
         ]  # fmt: skip
         if adapters:
             modules = [f"{name}={Path(folder).resolve()}" for name, folder in adapters.items()]
@@ -62,9 +75,12 @@ class VLLMServer:
     def __enter__(self) -> str:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as out:
+            # Its own session (a Ctrl-C is ours to pass on), yet it stops when we die, even
+            # killed: nox, say, kills a session's command a second after a Ctrl-C.
             self.process = subprocess.Popen(
-                self.command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
+                self.command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=functools.partial(die_with_parent, signal.SIGTERM),
+            )  # fmt: skip
         try:
             self._wait()
         except BaseException:
@@ -104,3 +120,43 @@ class VLLMServer:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve the embedded model, run the command after ``--`` with the server's URL in
+    ``--url-env``, stop the server (also on an error or Ctrl-C); the command's exit code."""
+    from ..errors import guarded
+    from .embedded import EMBEDDED, embedded_checkpoint
+
+    parser = argparse.ArgumentParser(prog="python -m moloch.llm.serve", description=main.__doc__)
+    parser.add_argument("--url-env", required=True, help="variable that receives the /v1 URL")
+    parser.add_argument("--log", required=True, type=Path, help="where the server's output goes")
+    parser.add_argument("--memory", type=float, default=0.1, help="share of RAM for its cache")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command to run")
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("give the command to run after --")
+
+    def serve() -> int:
+        server = VLLMServer(embedded_checkpoint(), served_name=EMBEDDED, log=args.log,
+                            memory=args.memory, seed=args.seed)  # fmt: skip
+        print(f"vllm serve: starting on {server.url} (output in {args.log})", flush=True)
+        with server as url:
+            print(f"vllm serve: ready; {args.url_env}={url}", flush=True)
+            child = subprocess.Popen(command, env={**os.environ, args.url_env: url})
+            try:
+                return child.wait()
+            except KeyboardInterrupt:  # Ctrl-C reached the command too: let it finish cleanly
+                try:
+                    child.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                raise
+
+    return guarded(serve)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
