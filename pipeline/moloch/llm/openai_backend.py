@@ -93,6 +93,7 @@ class OpenAIBackend:
         self.max_delay = max_delay
         # Jitter only spreads retries out in time; it never changes an answer.
         self._jitter = random.Random(jitter_seed)
+        self._min_tokens = 0  # set only by generate_batch (benchmarks)
 
     def __repr__(self) -> str:
         return f"OpenAIBackend(model={self.spec.model!r}, base_url={public_url(self.base_url)!r})"
@@ -162,6 +163,19 @@ class OpenAIBackend:
             pass  # reachable and keyed; some servers list no models
         finally:
             client.close()
+
+    def generate_batch(
+        self, requests: Sequence[ChatRequest], min_new_tokens: int | None = None
+    ) -> list[Completion]:
+        """As :meth:`generate`; ``min_new_tokens`` forbids stopping earlier (vLLM's
+        ``min_tokens``, for benchmarks of equal length; the OpenAI service has no such field)."""
+        if min_new_tokens and self._is_openai():
+            raise ModelError(f"{OPENAI_URL} takes no min_tokens: benchmark a vLLM server")
+        self._min_tokens = min_new_tokens or 0
+        try:
+            return self.generate(requests)
+        finally:
+            self._min_tokens = 0
 
     def generate(self, requests: Sequence[ChatRequest]) -> list[Completion]:
         if not requests:
@@ -265,6 +279,9 @@ class OpenAIBackend:
         raise AssertionError("unreachable")  # the loop returns or raises
 
     async def _once(self, client: openai.AsyncOpenAI, request: ChatRequest) -> Completion:
+        options = request_options(self.served_model, request)
+        if self._min_tokens:
+            options.setdefault("extra_body", {})["min_tokens"] = self._min_tokens
         try:
             reply = await client.chat.completions.create(
                 model=adapter_name(request.adapter) if request.adapter else self.served_model,
@@ -272,7 +289,7 @@ class OpenAIBackend:
                 temperature=request.temperature,
                 seed=request.seed,
                 n=1,
-                **request_options(self.served_model, request),
+                **options,
             )
         except ValueError as err:  # the body was not JSON (json.JSONDecodeError)
             raise _Unusable(f"reply is not valid JSON ({type(err).__name__})") from err

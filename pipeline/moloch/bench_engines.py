@@ -1,0 +1,101 @@
+"""The embedded model three ways, on the same requests and machine, one after another:
+the transformers backend (the smoke profile's), vLLM's engine in this process (the paper
+profile's players) and ``vllm serve`` through the openai backend (the rehearsal's audience
+and judge, as the paper's API roles are reached). Each generates exactly ``--new-tokens``
+tokens per request at each batch size, after one warm-up call; prefill is timed apart
+(:func:`moloch.bench_runtime.bench_generation`). Writes ``data/runs/bench/engines.json``
+with the machine (cores, CPU flags, versions) and each engine's start time.
+
+Needs vLLM: ``nox -s bench`` runs it in the paper path's environment (.nox/vllm).
+
+    python -m moloch.bench_engines                  # batch 1, 8, 16; 64 tokens each
+    python -m moloch.bench_engines --batches 1,16 --new-tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import time
+from pathlib import Path
+
+from .bench_runtime import bench_generation, bench_requests, machine
+from .config import ModelSpec, VLLMEngine
+from .files import write_atomic
+from .paths import runs_dir
+
+ENGINE = VLLMEngine(gpu_memory_utilization=0.08, max_model_len=2048)  # as the rehearsal's
+
+
+def _spec(backend: str, new_tokens: int, batch: int, **extra) -> ModelSpec:
+    return ModelSpec(
+        backend=backend, model="embedded", temperature=0.7, max_tokens=new_tokens,
+        batch_size=batch, max_concurrency=batch, dtype="float32", **extra,
+    )  # fmt: skip
+
+
+def _measure(name: str, backend, start, batches: list[int], new_tokens: int) -> dict:
+    """Start ``backend`` (timed), warm it up, then one row per batch size."""
+    began = time.perf_counter()
+    start()
+    backend.generate_batch(bench_requests(1, 4))  # warm-up: compiled kernels, first call
+    rows = []
+    for batch in batches:
+        row = {"engine": name, **bench_generation(backend, batch, new_tokens)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return {"engine": name, "start_s": round(time.perf_counter() - began, 1), "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", default="1,8,16", help="comma-separated batch sizes")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=runs_dir() / "bench" / "engines.json")
+    args = parser.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",")]
+    n, top = args.new_tokens, max(batches)
+
+    from .llm.embedded import embedded_checkpoint
+    from .llm.hf import TransformersBackend
+    from .llm.openai_backend import OpenAIBackend
+    from .llm.serve import VLLMServer
+    from .llm.vllm_backend import VLLMBackend
+
+    result: dict = {
+        "machine": machine(),
+        "loadavg_start": os.getloadavg(),
+        "new_tokens_each": n,
+        "vllm_env": {k: v for k, v in os.environ.items() if k.startswith("VLLM_")},
+        "engines": [],
+    }
+    local = TransformersBackend(_spec("transformers", n, top))
+    result["engines"].append(_measure("transformers", local, lambda: None, batches, n))
+    del local
+    gc.collect()
+
+    engine = VLLMBackend(_spec("vllm", n, top, engine=ENGINE))
+    try:
+        result["engines"].append(_measure("vllm engine", engine, engine.engine, batches, n))
+    finally:
+        engine.close()
+    del engine
+    gc.collect()
+
+    log = args.out.with_name("engines-vllm-serve.log")
+    began = time.perf_counter()
+    with VLLMServer(embedded_checkpoint(), served_name="embedded", log=log) as url:
+        served = OpenAIBackend(_spec("openai", n, top), env={"OPENAI_BASE_URL": url})
+        row = _measure("vllm serve (openai backend)", served, lambda: None, batches, n)
+        row["start_s"] = round(time.perf_counter() - began, 1)  # the server's start
+        result["engines"].append(row)
+    result["loadavg_end"] = os.getloadavg()
+    write_atomic(args.out, json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return args.out
+
+
+if __name__ == "__main__":
+    main()
