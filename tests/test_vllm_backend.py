@@ -40,7 +40,10 @@ def test_sampling_kwargs_map_the_request_over_the_model_defaults():
 def test_engine_settings_are_validated_and_belong_to_vllm_only():
     spec = ModelSpec(**{**SPEC.model_dump(), "engine": {"gpu_memory_utilization": 0.25}})
     assert spec.engine == VLLMEngine(gpu_memory_utilization=0.25)
-    for bad in ({"gpu_memory_utilization": 1.5}, {"max_num_seqs": 0}, {"tensor_parallel": 2}):
+    whole = {"enable_chunked_prefill": False, "max_model_len": 2048}
+    VLLMEngine(**whole, max_num_batched_tokens=2048)  # a whole prompt fits in one step
+    for bad in ({"gpu_memory_utilization": 1.5}, {"max_num_seqs": 0}, {"tensor_parallel": 2},
+                whole, {**whole, "max_num_batched_tokens": 1024}):  # fmt: skip
         with pytest.raises(ValidationError):
             VLLMEngine(**bad)
     with pytest.raises(ValidationError, match="engine: settings of a vLLM engine"):

@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 
 from .bench_runtime import bench_generation, bench_requests, machine
-from .config import ModelSpec, VLLMEngine
+from .config import ModelSpec, load_profile
 from .files import write_atomic
 from .paths import runs_dir
 
-ENGINE = VLLMEngine(gpu_memory_utilization=0.08, max_model_len=2048)  # as the rehearsal's
+ENGINE = load_profile("rehearsal").players[0].engine  # as the rehearsal's players
 
 
 def _spec(backend: str, new_tokens: int, batch: int, **extra) -> ModelSpec:

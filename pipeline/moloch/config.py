@@ -56,6 +56,27 @@ class VLLMEngine(Strict):
     tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs one engine spans")
     max_num_seqs: int = Field(default=256, ge=1, description="sequences decoded at once")
     max_loras: int = Field(default=4, ge=1, description="LoRA adapters held at once")
+    enable_chunked_prefill: bool = Field(
+        default=True,
+        description="split long prompts across steps; false on vLLM's CPU build, whose "
+        "0.32.0 crashes ('CPU Generator does not use offset') when a seeded request is split",
+    )
+    max_num_batched_tokens: int | None = Field(
+        default=None, gt=0, description="tokens per engine step; None: vLLM's default"
+    )
+
+    @model_validator(mode="after")
+    def _whole_prompts_fit(self):
+        if not self.enable_chunked_prefill and (
+            self.max_num_batched_tokens is None
+            or self.max_model_len is None
+            or self.max_num_batched_tokens < self.max_model_len
+        ):
+            raise ValueError(
+                "enable_chunked_prefill: false needs max_model_len and max_num_batched_tokens "
+                "at least as large (a whole prompt must fit in one step)"
+            )
+        return self
 
 
 class ModelSpec(Strict):

