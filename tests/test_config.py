@@ -25,6 +25,22 @@ def test_smoke_keeps_every_part_of_the_study():
     assert smoke.anchors.test >= 16 and smoke.audience.voters >= 5
 
 
+def test_the_rehearsal_has_the_papers_architecture():
+    """Same roles on the same kinds of backend, the same fidelity switches and LoRA; only
+    scale, the model and what a CPU needs (float32, fewer steps, forced answers) differ."""
+    rehearsal, paper = load_profile("rehearsal"), load_profile("paper")
+    assert {p.backend for p in rehearsal.players} == {p.backend for p in paper.players} == {"vllm"}
+    for role in ("audience", "judge"):
+        ours, theirs = getattr(rehearsal, role), getattr(paper, role)
+        assert ours.backend == theirs.backend == "openai" and ours.parser == theirs.parser
+        assert ours.base_url_env == "MOLOCH_REHEARSAL_URL"  # never the paid endpoint's variable
+        assert ours.temperature == theirs.temperature
+    assert rehearsal.tasks == paper.tasks and rehearsal.comparable is False
+    assert rehearsal.training.mode == paper.training.mode == "faithful"
+    assert rehearsal.training.lora == paper.training.lora
+    assert {p.samples for p in rehearsal.players} == {p.samples for p in paper.players}
+
+
 def test_unknown_profile_names_choices():
     with pytest.raises(ProfileError, match="unknown profile 'nope'.*smoke"):
         load_profile("nope")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -334,7 +335,12 @@ def test_a_forced_answer_format_is_refused_by_openai_and_checked_elsewhere(serve
     with pytest.raises(ModelError, match="ignored the forced answer format"):
         backend(server).generate([request])  # the toy server echoes: no tags
     sent = server.seen[-1]["structured_outputs"]["regex"]
-    assert sent == "<think>[^<]{0,16}(?: </think>\\n<vote>A</vote>| </think>\\n<vote>B</vote>)"
+    assert sent == (
+        "<think>[\\n -;=-~]{0,9}(?: </think>\\n<vote>A</vote>| </think>\\n<vote>B</vote>)"
+    )  # 40 tokens = "<think>" (7) + 9 + the longest closing (24), one token per character
+    short = dataclasses.replace(request, max_tokens=30)
+    with pytest.raises(ModelError, match="raise max_tokens to at least 39"):
+        backend(server).generate([short])
 
 
 def test_an_adapter_is_refused_unless_it_is_served_by_name(server, tmp_path):

