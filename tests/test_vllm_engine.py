@@ -140,3 +140,39 @@ def test_a_served_voter_can_be_forced_to_answer(server):
     for request, reply in zip(requests, replies, strict=True):
         assert re.fullmatch(answer_regex(request), reply.text), reply.text
         assert v1_vote(reply.text).value in ("A", "B")
+
+
+def test_the_serve_command_passes_the_url_and_its_server_dies_with_it(tmp_path):
+    """``python -m moloch.llm.serve`` hands the command the URL; killed outright (as nox kills
+    a session's command after a Ctrl-C), it leaves no server behind."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    child = "import os, time; print(os.environ['SERVED_URL'], flush=True); time.sleep(600)"
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "moloch.llm.serve", "--url-env", "SERVED_URL", "--log",
+         str(tmp_path / "serve.log"), "--", sys.executable, "-c", child],
+        stdout=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    lines = iter(serve.stdout.readline, "")
+    url = next(line for line in lines if line.startswith("http://")).strip()
+    with urllib.request.urlopen(f"{url}/models", timeout=10) as reply:
+        assert reply.status == 200
+    os.kill(serve.pid, signal.SIGKILL)  # no clean-up code of ours runs
+    serve.wait()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/models", timeout=2).close()
+        except OSError:
+            break  # refused: the server is gone
+        time.sleep(1)
+    else:
+        raise AssertionError(f"vllm serve at {url} outlived the command that started it")
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(serve.pid, signal.SIGKILL)  # the sleeping child, still in the group

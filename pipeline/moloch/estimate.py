@@ -32,6 +32,7 @@ from .config import ModelSpec, PlayerSpec, Profile, load_profile
 from .data import load_anchors, load_personas
 from .errors import guarded
 from .files import write_atomic
+from .llm.embedded import EMBEDDED
 from .prompts import BallotOrder, player_messages, probe_messages, voter_messages
 from .tasks import METHODS, PAIRS, get_task
 
@@ -78,7 +79,7 @@ def request_tokens(messages: Sequence[tuple[str, str]], count: Counter) -> int:
 
 def cost(spec: ModelSpec, tokens_in: float, tokens_out: float) -> float:
     """Dollar cost of the tokens on ``spec``'s model; NaN for a paid model of unknown price."""
-    if spec.backend in LOCAL_BACKENDS:
+    if spec.backend in LOCAL_BACKENDS or spec.model == EMBEDDED:  # served locally: free
         return 0.0
     price = PRICES_PER_MILLION.get(spec.model)
     if price is None:

@@ -111,6 +111,20 @@ def _portable_base_name(spec: PlayerSpec, resolved: Path | str) -> str:
     return Path(resolved).name if spec.model == "embedded" else str(resolved)
 
 
+def _checkpointing_field(config_class) -> str:
+    """The training argument that turns gradient checkpointing on: ``activation_checkpointing``
+    from transformers 5.23 (the CPU environment), ``gradient_checkpointing`` before it (5.19
+    and 5.20 in the vLLM environments; 5.23 keeps it as a deprecated alias)."""
+    import dataclasses
+
+    names = {field.name for field in dataclasses.fields(config_class)}
+    return (
+        "activation_checkpointing"
+        if "activation_checkpointing" in names
+        else ("gradient_checkpointing")
+    )
+
+
 def build_trainer(
     profile: Profile, player_spec: PlayerSpec, rows: Sequence[dict], work_dir: Path, seed: int
 ):
@@ -176,7 +190,7 @@ def build_trainer(
         lr_scheduler_type=spec.scheduler,
         lr_scheduler_kwargs={"min_lr_rate": spec.min_lr_rate},
         bf16=spec.bf16,
-        activation_checkpointing=spec.gradient_checkpointing,  # transformers 5's name for it
+        **{_checkpointing_field(SFTConfig): spec.gradient_checkpointing},
         dataloader_pin_memory=torch.cuda.is_available(),
         # keep_overlength: no truncation here, where trl 1.x would also drop the rows left with
         # no loss; they are truncated below and kept, as the TRL v1 used did (in its collator).
