@@ -232,6 +232,7 @@ def gpu_check(session: nox.Session) -> None:
     began = time.monotonic()
     gpu_python = _locked_python(session, GPU_VENV, GPU_LOCK, python=python)
     install_s = round(time.monotonic() - began, 1)
+    session.run(gpu_python, "-m", "moloch.gpu_check", "--gpu-only", env=ENV, external=True)
     tests = ["tests/test_vllm_engine.py", "tests/test_vllm_backend.py", "tests/test_training.py"]
     session.run(gpu_python, "-m", "pytest", "-m", "vllm or gpu", *tests, env=ENV, external=True)
     check = [gpu_python, "-m", "moloch.gpu_check", "--install-s", str(install_s)]

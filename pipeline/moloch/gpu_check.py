@@ -26,13 +26,14 @@ import dataclasses
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from .bench_runtime import bench_generation, bench_requests, machine
 from .config import PlayerSpec, VLLMEngine, load_profile
-from .errors import ModelError
+from .errors import ModelError, guarded
 from .files import write_atomic
 from .paths import runs_dir
 
@@ -76,12 +77,21 @@ def training_rows(prompts, completions) -> list[dict]:
     ]
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> int:
+    """The command line: the check, with an expected failure as one line and exit code."""
+    return guarded(lambda: check(argv))
+
+
+def check(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--install-s", type=float, help="the environment's install time (nox)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--out", type=Path, default=runs_dir() / "bench" / "gpu-check.json")
+    parser.add_argument("--gpu-only", action="store_true", help="only say which GPU is seen")
     args = parser.parse_args(argv)
+    if args.gpu_only:
+        print(json.dumps(gpu()))
+        return 0
     started = time.perf_counter()
     import torch
 
@@ -145,8 +155,8 @@ def main(argv: list[str] | None = None) -> Path:
     result["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
     write_atomic(args.out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
-    return args.out
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
