@@ -21,9 +21,8 @@ import os
 import time
 from pathlib import Path
 
-from .bench_runtime import bench_generation, bench_requests, machine
+from .bench_runtime import bench_generation, bench_requests, machine, write_result
 from .config import ModelSpec, load_profile
-from .files import write_atomic
 from .paths import runs_dir
 
 ENGINE = load_profile("rehearsal").players[0].engine  # as the rehearsal's players
@@ -91,10 +90,7 @@ def main(argv: list[str] | None = None) -> Path:
         row = _measure("vllm serve (openai backend)", served, lambda: None, batches, n)
         row["start_s"] = round(time.perf_counter() - began, 1)  # the server's start
         result["engines"].append(row)
-    result["loadavg_end"] = os.getloadavg()
-    write_atomic(args.out, json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    return args.out
+    return write_result(args.out, result)
 
 
 if __name__ == "__main__":

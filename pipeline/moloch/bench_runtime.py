@@ -201,10 +201,15 @@ def main(argv: list[str] | None = None) -> Path:
             result["profile"] = {"batch": max(batches), "new_tokens": 40, "top_ops": ops}
             result["cache_hits"] = bench_cache_hits(backend)
             print(json.dumps(result["cache_hits"]))
+    return write_result(args.out, result)
+
+
+def write_result(out: Path, result: dict) -> Path:
+    """A benchmark's figures to ``out`` (JSON, atomically), with the load average at the end."""
     result["loadavg_end"] = os.getloadavg()
-    write_atomic(args.out, json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    return args.out
+    write_atomic(out, json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return out
 
 
 if __name__ == "__main__":

@@ -31,10 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from .bench_runtime import bench_generation, bench_requests, machine
+from .bench_runtime import bench_generation, bench_requests, machine, write_result
 from .config import PlayerSpec, VLLMEngine, load_profile
 from .errors import ModelError, guarded
-from .files import write_atomic
 from .paths import runs_dir
 
 BATCHES = (1, 16, 256)
@@ -153,8 +152,7 @@ def check(argv: list[str] | None = None) -> int:
     result["wall_s"] = round(time.perf_counter() - started, 1)
     result["date"] = result["machine"]["date"]
     result["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
-    write_atomic(args.out, json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
     return 0
 
 
