@@ -169,6 +169,13 @@ def vllm(session: nox.Session) -> None:
 # vLLM's CPU build keeps one core of each engine for its scheduler: on a 2-core machine that
 # halves the arithmetic. Speed only; set the variable to override.
 VLLM_CPU_ENV = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+
+
+def _vllm_env() -> dict[str, str]:
+    """ENV and vLLM's CPU settings, where the user has not set them."""
+    return {**ENV, **VLLM_CPU_ENV, **{k: v for k, v in os.environ.items() if k in VLLM_CPU_ENV}}
+
+
 REHEARSAL_URL_ENV = "MOLOCH_REHEARSAL_URL"  # the rehearsal profile's audience and judge read it
 # Replay calls no model, but the cache keys name the server's address: any loopback one.
 REPLAY_URL = "http://127.0.0.1:9/v1"
@@ -185,7 +192,7 @@ def rehearsal(session: nox.Session) -> None:
         nox -s rehearsal -- --replay    # every stage forced, from the call cache: no server
     """
     python = _vllm_python(session)
-    env = {**ENV, **VLLM_CPU_ENV, **{k: v for k, v in os.environ.items() if k in VLLM_CPU_ENV}}
+    env = _vllm_env()
     replay = "--replay" in session.posargs
     args = [a for a in session.posargs if a != "--replay"]
     run = [python, "-m", "moloch.cli", "run", "--profile", "rehearsal", *args]
@@ -208,7 +215,7 @@ def bench(session: nox.Session) -> None:
     the embedded model on three engines (transformers, vLLM engine, vllm serve; in .nox/vllm)."""
     _run(session, "moloch.bench_coverage")
     _run(session, "moloch.bench_runtime", *session.posargs)
-    env = {**ENV, **VLLM_CPU_ENV, **{k: v for k, v in os.environ.items() if k in VLLM_CPU_ENV}}
+    env = _vllm_env()
     session.run(_vllm_python(session), "-m", "moloch.bench_engines", env=env, external=True)
 
 
