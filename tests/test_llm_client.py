@@ -154,4 +154,4 @@ def test_get_llm_builds_the_spec_backend(tmp_path, monkeypatch):
     remote = spec.model_copy(update={"backend": "openai", "max_concurrency": 32})
     monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
     assert get_llm(remote, cache=False).batch_size == 32
-    assert make_backend(remote).identity()["base_url"] == "loopback"  # the port is no identity
+    assert make_backend(remote).identity()["base_url"] == "http://127.0.0.1:9/v1"

@@ -246,16 +246,19 @@ def test_identity_strips_credentials_from_the_url():
     }  # fmt: skip
 
 
-def test_a_local_server_is_named_without_its_port_and_by_the_weights_it_serves():
-    """vllm serve starts on a free port each time: its cached answers must outlive the port."""
-    here = [
-        OpenAIBackend(spec(), env={"OPENAI_BASE_URL": f"http://127.0.0.1:{p}/v1"}) for p in (1, 2)
-    ]
-    assert here[0].identity() == here[1].identity() and here[0].identity()["base_url"] == "loopback"
-    served = OpenAIBackend(spec(model="embedded"), env={"OPENAI_BASE_URL": "http://localhost:7/v1"})
+def test_the_embedded_model_served_locally_is_named_by_its_weights_not_its_port():
+    """vllm serve starts on a free port each time: its cached answers must outlive the port,
+    but only where the weights say what is served; two other local servers stay apart (the
+    fault suite's clean and hostile servers both answer as "fake-audience")."""
+    def on(port, model="embedded", host="127.0.0.1"):
+        env = {"OPENAI_BASE_URL": f"http://{host}:{port}/v1"}
+        return OpenAIBackend(spec(model=model), env=env).identity()
+
+    assert on(1) == on(2, host="localhost") and on(1)["base_url"] == "loopback"
     weights = weights_identity("transformers", "embedded", None)
-    assert served.identity()["checkpoint_sha256"] == weights["checkpoint_sha256"]
-    assert served.identity()["weights_sha256"] == weights["weights_sha256"]
+    assert on(7)["checkpoint_sha256"] == weights["checkpoint_sha256"]
+    assert on(7)["weights_sha256"] == weights["weights_sha256"]
+    assert on(1, "toy") != on(2, "toy") and on(1, "toy")["base_url"] == "http://127.0.0.1:1/v1"
     remote = OpenAIBackend(spec(model="embedded"), env={"OPENAI_BASE_URL": "https://h.example/v1"})
     assert "weights_sha256" not in remote.identity()  # a remote name says nothing of weights
 

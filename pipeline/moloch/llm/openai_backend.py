@@ -104,21 +104,21 @@ class OpenAIBackend:
         return self.spec.revision or self.spec.model
 
     def identity(self) -> dict:
-        """What decides the answers: the model and the server. A server on this machine
-        (``vllm serve`` on a free port, as ``nox -s rehearsal`` starts it) is named
-        ``loopback`` without its port, which changes at every start; one serving the
-        embedded model adds its weights' hashes, so its answers stay replayable."""
+        """What decides the answers: the model and the server. The embedded model served on
+        this machine (``vllm serve`` on a free port, as ``nox -s rehearsal`` starts it) is named
+        ``loopback`` without its port, which changes at every start, and by its weights' hashes
+        and dtype, so its answers stay replayable. Any other server keeps its full address: a
+        model name alone does not say what a local server serves."""
         where = public_url(self.base_url)
-        if urlsplit(self.base_url).hostname in LOOPBACK:
-            where = LOOPBACK_NAME
         identity = {
             "backend": self.name,
             "model": self.spec.model,
             "revision": self.spec.revision,
             "base_url": where,
         }
-        if where == LOOPBACK_NAME and self.spec.model == EMBEDDED:
+        if urlsplit(self.base_url).hostname in LOOPBACK and self.spec.model == EMBEDDED:
             weights = weights_identity(self.name, EMBEDDED, None)
+            identity["base_url"] = LOOPBACK_NAME
             identity.update({k: weights[k] for k in ("weights_sha256", "checkpoint_sha256")})
             identity["dtype"] = SERVED_DTYPE  # as moloch.llm.serve serves it
         return identity
