@@ -181,6 +181,18 @@ REHEARSAL_URL_ENV = "MOLOCH_REHEARSAL_URL"  # the rehearsal profile's audience a
 REPLAY_URL = "http://127.0.0.1:9/v1"
 
 
+def _run_folder(session: nox.Session, python: str, args: list[str], profile: str) -> Path:
+    """The run folder ``moloch run --profile PROFILE ARGS`` uses (its --run-dir, else
+    $MOLOCH_RUNS/PROFILE), as moloch.runs finds it."""
+    run_dir = next((a.split("=", 1)[1] for a in args if a.startswith("--run-dir=")), None)
+    if "--run-dir" in args:
+        run_dir = args[args.index("--run-dir") + 1]
+    code = "import sys; from moloch.runs import find_run; print(find_run(*sys.argv[1:]).folder)"
+    out = session.run(python, "-c", code, profile, *([run_dir] if run_dir else []),
+                      env=ENV, external=True, silent=True)  # fmt: skip
+    return Path(out.strip().splitlines()[-1])
+
+
 @nox.session(venv_backend="none")
 def rehearsal(session: nox.Session) -> None:
     """The paper profile's architecture on this CPU (profile ``rehearsal``): vLLM players with
@@ -200,7 +212,7 @@ def rehearsal(session: nox.Session) -> None:
         replay_env = {**env, "MOLOCH_LLM_MODE": "replay", REHEARSAL_URL_ENV: REPLAY_URL}
         session.run(*run, "--force", "all", env=replay_env, external=True)
     else:
-        log = str(ROOT / "data" / "runs" / "rehearsal" / "logs" / "vllm-serve.log")
+        log = str(_run_folder(session, python, args, "rehearsal") / "logs" / "vllm-serve.log")
         serve = [python, "-m", "moloch.llm.serve", "--url-env", REHEARSAL_URL_ENV, "--log", log]
         session.run(*serve, "--", *run, env=env, external=True)
     if any(arg.split("=")[0] in PARTIAL for arg in args):
@@ -211,10 +223,12 @@ def rehearsal(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def bench(session: nox.Session) -> None:
-    """Benchmarks into data/runs/bench/: interval coverage, CPU runtime (args go to it), and
-    the embedded model on three engines (transformers, vLLM engine, vllm serve; in .nox/vllm)."""
+    """Benchmarks into data/runs/bench/: interval coverage, CPU runtime (args go to it), the
+    openai backend's pool against waves (pool.json), and the embedded model on three engines
+    (transformers, vLLM engine, vllm serve; in .nox/vllm)."""
     _run(session, "moloch.bench_coverage")
     _run(session, "moloch.bench_runtime", *session.posargs)
+    _run(session, "moloch.bench_pool")
     env = _vllm_env()
     session.run(_vllm_python(session), "-m", "moloch.bench_engines", env=env, external=True)
 

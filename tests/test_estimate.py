@@ -8,7 +8,8 @@ import pytest
 
 from moloch.anchors import make_anchor, make_persona
 from moloch.config import ModelSpec, load_profile
-from moloch.estimate import Assumptions, cost, estimate, main, request_tokens
+from moloch.estimate import Assumptions, estimate, main, request_tokens
+from moloch.prices import cost
 from moloch.prompts import player_messages
 
 RECORDS = {

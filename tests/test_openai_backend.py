@@ -42,12 +42,18 @@ def reply_body(text: str) -> bytes:
     ).encode()
 
 
+class _Listener(ThreadingHTTPServer):
+    daemon_threads = True  # a handler still sleeping must not hold teardown
+    request_queue_size = 64  # the default 5 can refuse a burst of new connections
+
+
 class Server:
     """A chat-completions endpoint that plays a script of behaviours, one per request.
 
     Behaviours: "ok", "429", "500", "401", "slow", "truncated", "malformed". When
     the script runs out every request gets "ok"; a message starting "doomed" always
-    gets "500". ``seen`` keeps the request bodies.
+    gets "500", one starting "held" is answered once ``release`` is set. ``seen`` keeps
+    the request bodies.
     """
 
     def __init__(self):
@@ -59,6 +65,7 @@ class Server:
         self.flying: list[str] = []  # the models of the requests being served now
         self.mixed = False  # ever two models in flight at once
         self.lock = threading.Lock()
+        self.release = threading.Event()  # a message starting "held" waits for it (10 s at most)
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -90,6 +97,8 @@ class Server:
                 user = body["messages"][-1]["content"]
                 if user.startswith("doomed"):  # this request always fails
                     action = "500"
+                if user.startswith("held"):
+                    server.release.wait(10)
                 if action == "ok":
                     return self.send(200, reply_body(f"echo: {user}"))
                 if action == "429":
@@ -115,8 +124,7 @@ class Server:
                 self.end_headers()
                 self.wfile.write(payload)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True  # a handler still sleeping must not hold teardown
+        self.httpd = _Listener(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         self.thread = threading.Thread(
             target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
@@ -250,6 +258,7 @@ def test_the_embedded_model_served_locally_is_named_by_its_weights_not_its_port(
     """vllm serve starts on a free port each time: its cached answers must outlive the port,
     but only where the weights say what is served; two other local servers stay apart (the
     fault suite's clean and hostile servers both answer as "fake-audience")."""
+
     def on(port, model="embedded", host="127.0.0.1"):
         env = {"OPENAI_BASE_URL": f"http://{host}:{port}/v1"}
         return OpenAIBackend(spec(model=model), env=env).identity()
@@ -317,6 +326,37 @@ def test_one_failure_keeps_the_rest_of_the_batch(server, tmp_path, monkeypatch):
     assert [c.text for c in replayed] == ["echo: a", "echo: b"]
 
 
+def test_a_pool_answers_and_commits_everything_else_while_one_request_is_held(
+    server, tmp_path, monkeypatch
+):
+    """A pool, not waves: with one request held at the server, all the others are answered
+    and committed to the cache before it returns (waves of max_concurrency would wait for it,
+    and a commit at the end would show nothing), with never more than 4 in flight."""
+    monkeypatch.setenv("OPENAI_BASE_URL", server.url)
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    llm = get_llm(spec(max_concurrency=4), cache=CallCache(tmp_path / "c.sqlite"), mode="live")
+    requests = [ask("held")] + [ask(f"q{i}") for i in range(20)]
+    box: dict = {}
+
+    def work():
+        try:
+            box["out"] = llm.complete(requests)
+        except Exception as err:  # shown by the assertion below
+            box["error"] = err
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    watcher, deadline = CallCache(tmp_path / "c.sqlite"), time.monotonic() + 10
+    while len(watcher) < 20 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    committed_while_held = len(watcher)
+    server.release.set()
+    worker.join(15)
+    assert committed_while_held == 20 and server.peak <= 4, box.get("error")
+    assert [c.text for c in box["out"]] == [f"echo: {r.messages[-1][1]}" for r in requests]
+    assert llm.stats()["backend_calls"] == 21
+
+
 def test_works_inside_a_running_event_loop(server):
     import asyncio
 
@@ -377,3 +417,14 @@ def test_requests_for_different_adapters_are_never_in_flight_together(server, tm
     replies = OpenAIBackend(spec(served_adapters="by_name"), env=env).generate(requests)
     assert [r.text for r in replies] == [f"echo: r{i}" for i in range(12)]  # in order
     assert server.peak >= 2 and not server.mixed
+
+
+def test_the_pool_benchmark_sends_the_same_calls_both_ways(tmp_path):
+    from moloch import bench_pool
+
+    argv = ["--calls", "24", "--concurrency", "4", "--latency", "0.01"]
+    out = bench_pool.main([*argv, "--out", str(tmp_path / "pool.json")])
+    result = json.loads(out.read_text())
+    assert result["waves"]["answers"] == result["pool"]["answers"] == 24
+    assert result["waves"]["backend_calls"] == result["pool"]["backend_calls"] == 24
+    assert result["machine"]["cores_available"] >= 1 and result["speedup"] > 0

@@ -211,15 +211,24 @@ def test_no_valid_vote_leaves_the_methods_untrained_and_says_so(tmp_path, mirror
 
 @pytest.mark.integration
 def test_embedded_model_runs_every_stage_through_notebooks(
-    tmp_path, mirror_env, monkeypatch, tiny_profile
+    tmp_path, mirror_env, monkeypatch, tiny_profile, capsys
 ):
-    """Every stage of one task through its notebook, with the real embedded model everywhere."""
+    """Every stage of one task through its notebook, with the real embedded model everywhere;
+    the kernels' call counts reach the runner's stderr, and each unit ends with its calls."""
+    from moloch import progress
+
     pytest.importorskip("moloch.llm.hf")
     path = tiny_profile()
     monkeypatch.setenv("MOLOCH_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setattr(progress, "LINE_EVERY_S", 0.0)  # a line at every look, not a minute
 
-    reports = run_pipeline(path, log=lambda _: None)
+    said: list[str] = []
+    reports = run_pipeline(path, log=said.append)
     assert {r.status for r in reports} == {"ran"} and len(reports) == 10
+    compete = next(line for line in said if line.startswith("[done] compete"))
+    assert re.search(r"[\d,]+ calls \([\d,]+ cached\), [\d,]+ new tokens, \$0\.00", compete)
+    shown = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[....]")]
+    assert any(re.search(r"\d+/\d+ ", line) for line in shown), shown[:5]
     runs = tmp_path / "runs" / "tiny"
     model = "SmolLM2-135M-Instruct"
     for stage in ("01_prepare", "02_episodes", "03_trainsets", "06_compete", "07_probe"):
@@ -322,3 +331,48 @@ def test_methods_draw_their_own_random_streams_unless_told_to_share_one(tmp_path
     assert len(set(own["base"])) == 2  # two samples, two streams
     shared = streams(spec.model_copy(update={"common_random_numbers": True}))
     assert shared["base"] == shared["rft"] == shared["tfb"]
+
+
+def test_status_says_what_a_run_would_do_and_why(tmp_path, mirror_env, capsys):
+    """Up to date after a run; a deleted manifest makes its unit missing and what reads it
+    stale "after" it; a same-size edit of an output names the file; a changed setting says
+    so, for the units that read it only. Nothing is run to find out."""
+    from moloch.runs import find_run
+    from moloch.status import MISSING, STALE, UP_TO_DATE, render, run_status
+
+    profile = write_profile(tmp_path, tasks=("sales",))
+    runs = tmp_path / "runs"
+    run(profile, runs)
+
+    def states() -> dict:
+        statuses = run_status(find_run(profile, runs), STAGES, ["sales"], [PLAYER])
+        return {(s.stage, s.method): (s.state, s.why) for s in statuses}
+
+    assert {state for state, _ in states().values()} == {UP_TO_DATE}
+    (runs / "generate" / "sales" / PLAYER / "rft" / "manifest.json").unlink()
+    now = states()
+    assert now[("generate", "rft")] == (MISSING, "not run yet")
+    assert now[("compete", None)] == (STALE, "after generate/rft")
+    assert now[("generate", "tfb")][0] == UP_TO_DATE
+    table = render(run_status(find_run(profile, runs), STAGES, ["sales"], [PLAYER]))
+    assert table.splitlines()[-1] == "moloch: 7 up to date, 2 stale, 1 missing"
+
+    run(profile, runs)
+    labels = runs / "probe" / "sales" / PLAYER / "labels.jsonl"
+    labels.write_bytes(labels.read_bytes().replace(b'"', b"'", 1))  # same size
+    state, why = states()[("probe", None)]
+    assert state == STALE and "labels.jsonl" in why
+
+    spec = yaml.safe_load(profile.read_text())
+    spec["judge"]["temperature"] = 0.3
+    profile.write_text(yaml.safe_dump(spec))
+    now = states()
+    assert now[("probe", None)] == (STALE, "its profile settings changed")
+    assert now[("train", "rft")][0] == now[("compete", None)][0] == UP_TO_DATE
+    from moloch import cli
+
+    assert cli.main(["status", "--run-dir", str(runs), "--profile", str(profile)]) == 0
+    assert "its profile settings changed" in capsys.readouterr().out
+    assert cli.main(["status", "--run-dir", str(runs), "--task", "sales"]) == 0  # as recorded
+    printed = capsys.readouterr().out
+    assert "labels.jsonl" in printed and "moloch: 9 up to date, 1 stale, 0 missing" in printed

@@ -4,6 +4,7 @@
     moloch run --profile smoke --until compete       # stop after a stage
     moloch run --only probe --task sales --force probe
     moloch run --force all                           # every stage again (e.g. in replay)
+    moloch status --profile smoke                    # each unit: up to date, stale (why), missing
     moloch stages                                    # the stages, in order
 
 (``python -m moloch.cli ...`` is the same without the console script.)
@@ -41,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run the stage functions in this process instead of through papermill",
     )
+    status = commands.add_parser(
+        "status", help="each unit of a run: up to date, stale (and why) or missing; runs nothing"
+    )
+    for name in ("--profile", "--run-dir", "--task", "--model"):
+        action = next(a for a in run._actions if a.option_strings == [name])
+        status.add_argument(name, action=type(action), help=action.help)  # as for run
     commands.add_parser("stages", help="list the stages in order")
     return parser
 
@@ -57,6 +64,18 @@ def _main(args) -> int:
         for stage in STAGES:
             per = f" (per method: {', '.join(stage.methods)})" if stage.methods else ""
             print(f"{stage.name:10s} {stage.notebook}{per}")
+        return 0
+    if args.command == "status":
+        from .runner import _choose
+        from .runs import find_run
+        from .stages import STAGES
+        from .status import render, run_status
+
+        run = find_run(args.profile, args.run_dir)
+        tasks = _choose(args.task, run.profile.tasks, "task")
+        models = _choose(args.model, [p.name for p in run.profile.players], "model")
+        statuses = run_status(run, STAGES, tasks, models)
+        print(render(statuses))
         return 0
     if args.only and args.until:
         raise MolochError("give --only or --until, not both")

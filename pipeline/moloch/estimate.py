@@ -28,22 +28,14 @@ from pathlib import Path
 import pandas as pd
 
 from .anchors import Anchor, Persona
-from .config import ModelSpec, PlayerSpec, Profile, load_profile
+from .config import PlayerSpec, Profile, load_profile
 from .data import load_anchors, load_personas
 from .errors import guarded
 from .files import write_atomic
-from .llm.embedded import EMBEDDED
+from .prices import PRICES_AS_OF, cost
 from .prompts import BallotOrder, player_messages, probe_messages, voter_messages
 from .tasks import METHODS, PAIRS, get_task
 
-# USD per 1M tokens (input, output), standard tier, from the OpenAI API pricing
-# page (https://openai.com/api/pricing/) as listed in 2025 (checked 2025-10).
-PRICES_PER_MILLION: dict[str, tuple[float, float]] = {
-    "gpt-4o-mini": (0.15, 0.60),
-    "gpt-4o": (2.50, 10.00),
-}
-PRICES_AS_OF = "2025-10"
-LOCAL_BACKENDS = ("transformers", "vllm", "fake")
 # OpenAI's chat format adds a few tokens per message and per reply.
 TOKENS_PER_MESSAGE, TOKENS_PER_REPLY = 4, 3
 
@@ -75,16 +67,6 @@ def token_counter() -> tuple[Counter, str]:
 
 def request_tokens(messages: Sequence[tuple[str, str]], count: Counter) -> int:
     return sum(count(text) + TOKENS_PER_MESSAGE for _, text in messages) + TOKENS_PER_REPLY
-
-
-def cost(spec: ModelSpec, tokens_in: float, tokens_out: float) -> float:
-    """Dollar cost of the tokens on ``spec``'s model; NaN for a paid model of unknown price."""
-    if spec.backend in LOCAL_BACKENDS or spec.model == EMBEDDED:  # served locally: free
-        return 0.0
-    price = PRICES_PER_MILLION.get(spec.model)
-    if price is None:
-        return math.nan
-    return (tokens_in * price[0] + tokens_out * price[1]) / 1e6
 
 
 def _row(stage, task, player, role, spec, calls, tokens_in, reply_tokens, *, unlimited) -> dict:

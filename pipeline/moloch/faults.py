@@ -68,21 +68,27 @@ MARKUP = (
 # --- the server ---------------------------------------------------------------------------
 
 
+class _Listener(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # the default 5 drops connections when many clients start at once
+
+
 class FaultServer:
     """A deterministic chat-completions server on 127.0.0.1 that can misbehave on purpose.
 
     Votes and verdicts are a pure function of the request (so a resumed run gets the
     answers an uninterrupted one got); ``fault_rate`` of the attempts fail, with one of
     ``FAULTS``, chosen from the request and its attempt number; ``markup`` puts every
-    MARKUP string into each thought.
+    MARKUP string into each thought. Every answer takes ``latency_s``, or with
+    ``exponential`` a delay drawn from an exponential law of that mean (like a busy API).
     """
 
     def __init__(
         self, fault_rate: float = 0.0, markup: bool = False, hang_s: float = 3.0,
-        latency_s: float = 0.05,
+        latency_s: float = 0.05, exponential: bool = False,
     ):  # fmt: skip
         self.fault_rate, self.markup, self.hang_s = fault_rate, markup, hang_s
-        self.latency_s = latency_s  # every answer takes this long, like a real server
+        self.latency_s, self.exponential = latency_s, exponential
         self.attempts: dict[str, int] = {}
         self.faults = dict.fromkeys(FAULTS, 0)
         self.lock = threading.Lock()
@@ -102,7 +108,8 @@ class FaultServer:
                     attempt = server.attempts.get(key, 0)
                     server.attempts[key] = attempt + 1
                 draw = random.Random(f"{key}:{attempt}")
-                time.sleep(server.latency_s)
+                mean = server.latency_s
+                time.sleep(draw.expovariate(1 / mean) if server.exponential and mean else mean)
                 if server.fault_rate and draw.random() < server.fault_rate:
                     fault = draw.choice(FAULTS)
                     with server.lock:
@@ -134,8 +141,7 @@ class FaultServer:
                     self.end_headers()
                     self.wfile.write(payload)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _Listener(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 

@@ -110,6 +110,51 @@ def package_versions() -> dict:
     return versions
 
 
+def spending(unit) -> dict:
+    """Each model's call counts (``Unit.llm_stats``) with ``dollars``: what its new calls
+    cost at the listed prices (None for a paid model without one; cached calls are free)."""
+    import math
+
+    from .prices import cost
+
+    stats = unit.llm_stats()
+    for role, served in stats.items():
+        spent = cost(
+            unit.spec(role),
+            served.get("new_prompt_tokens", 0),
+            served.get("new_completion_tokens", 0),
+        )
+        served["dollars"] = None if math.isnan(spent) else round(spent, 6)
+    return stats
+
+
+def call_totals(manifest: dict) -> dict:
+    """A unit's model calls over its roles: requests, cache hits, new tokens and dollars
+    (NaN where a paid model has no listed price; a manifest from before dollars: 0)."""
+    served = list((manifest.get("llm") or {}).values())
+    spent = [s.get("dollars", 0.0) for s in served]
+
+    def total(*fields: str) -> int:
+        return sum(int(s.get(f, 0)) for s in served for f in fields)
+
+    return {
+        "requests": total("requests"),
+        "cache_hits": total("hits"),
+        "new_tokens": total("new_prompt_tokens", "new_completion_tokens"),
+        "dollars": float("nan") if None in spent else float(sum(spent)),
+    }
+
+
+def summary_line(manifest: dict) -> str:
+    """A finished unit's calls in one line (what the runner prints after ``[done]``)."""
+    t = call_totals(manifest)
+    dollars = "$?" if t["dollars"] != t["dollars"] else f"${t['dollars']:.2f}"
+    return (
+        f"{t['requests']:,} calls ({t['cache_hits']:,} cached), {t['new_tokens']:,} new "
+        f"tokens, {dollars}"
+    )
+
+
 def build_manifest(unit, fingerprint: dict, summary: dict, wall_s: float) -> dict:
     """The manifest of a unit that just did its work (``summary``: what ``work`` returned)."""
     return {
@@ -128,7 +173,7 @@ def build_manifest(unit, fingerprint: dict, summary: dict, wall_s: float) -> dic
         "counts": summary.get("counts", {}),
         "invalid": summary.get("invalid", {}),
         "details": {k: v for k, v in summary.items() if k not in ("counts", "invalid")},
-        "llm": unit.llm_stats(),
+        "llm": spending(unit),
         "wall_s": round(wall_s, 3),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "outputs": output_files(unit.out_dir),

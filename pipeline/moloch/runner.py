@@ -24,6 +24,7 @@ and computes the fingerprint. ``--no-notebooks`` runs step 6 in the runner's pro
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -35,8 +36,9 @@ from .files import read_jsonl, write_json
 from .fingerprints import fingerprint
 from .kernels import execute_notebook
 from .locks import shard_lock
-from .manifests import MANIFEST, build_manifest, changed_outputs, read_manifest
+from .manifests import MANIFEST, build_manifest, changed_outputs, read_manifest, summary_line
 from .paths import NOTEBOOKS_DIR
+from .progress import Watcher
 from .runs import Run, find_run
 from .stages import STAGES, get_stage
 from .units import LlmFactory, Stage, Unit
@@ -162,8 +164,11 @@ def _run_notebook(unit: Unit, fprint: dict) -> dict:
         "run_dir": str(unit.run.folder),
         "decision": {"fingerprint": fprint, "profile_digest": unit.profile.digest()},
     }
+    shown = unit.run.folder / ".progress" / f"{os.getpid()}.json"  # the kernel's bars
+    shown.parent.mkdir(exist_ok=True)
     try:
-        execute_notebook(source, executed, params, unit.run.folder)
+        with Watcher(shown, unit.where):
+            execute_notebook(source, executed, params, unit.run.folder)
     except papermill.PapermillExecutionError as err:
         (unit.out_dir / MANIFEST).unlink(missing_ok=True)
         raise StageError(
@@ -272,10 +277,7 @@ def _run_unit(unit: Unit, force: bool, notebooks: bool, log) -> UnitReport:
         log(f"[skip] {unit.where}: up to date")
         return UnitReport(unit.stage.name, unit.task, unit.model, unit.method, "skipped", 0.0)
     log(f"[run ] {unit.where}")
-    if notebooks:
-        _run_notebook(unit, fprint)
-    else:
-        _work(unit, fprint)
+    manifest = _run_notebook(unit, fprint) if notebooks else _work(unit, fprint)
     wall = time.monotonic() - started
-    log(f"[done] {unit.where} in {wall:.1f}s")
+    log(f"[done] {unit.where} in {wall:.1f}s: {summary_line(manifest)}")
     return UnitReport(unit.stage.name, unit.task, unit.model, unit.method, "ran", wall)

@@ -7,7 +7,7 @@ adapter), so the request is also the cache key (see ``cache.py``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -89,9 +89,18 @@ class Completion:
     meta: dict = field(default_factory=dict, compare=False)
 
 
+OnAnswer = Callable[[int, Completion], None]  # (position in the batch, its answer)
+
+
 @runtime_checkable
 class Backend(Protocol):
-    """What a model backend provides. ``identity`` names the exact weights."""
+    """What a model backend provides. ``identity`` names the exact weights.
+
+    A backend that sets ``pool = True`` (the remote ones) takes ``generate(requests,
+    on_answer=...)``: it keeps its own number of requests in flight over the whole list and
+    reports each answer as it arrives, so the client sends it every miss at once and commits
+    answers one by one. The others answer a batch at a time, as the client cuts them.
+    """
 
     name: str
 

@@ -3,9 +3,11 @@
 ``LLM.complete(requests)`` answers a list of requests in order. Cached
 answers are served at once; only the misses go to the backend, batch by
 batch, and each batch is committed to the cache as soon as it returns, so an
-interrupted stage resumes where it stopped. A backend that loses part of a
-batch raises ``PartialBatchError`` with the answers it did get; those are
-cached too before the error goes on.
+interrupted stage resumes where it stopped. A pooled backend (``pool = True``:
+the remote ones) gets every miss at once and hands back each answer as it
+arrives, and each is committed then, so a crash loses only the calls in flight.
+A backend that loses part of a batch raises ``PartialBatchError`` with the
+answers it did get; those are cached too before the error goes on.
 
 In replay mode (``mode="replay"`` or ``MOLOCH_LLM_MODE=replay``) the backend is
 never called: a request the cache does not hold is an error that says which
@@ -21,8 +23,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Literal
 
-from tqdm.auto import tqdm
-
+from .. import progress
 from ..errors import CacheMissError, ModelError
 from .base import Backend, ChatRequest, Completion
 from .cache import CallCache, call_key
@@ -133,24 +134,14 @@ class LLM:
         if missing and self.mode == "replay":
             raise self._miss_error(first_request[missing[0]], missing[0], len(missing))
 
-        with tqdm(
-            total=len(requests), desc=desc or self.role, unit="call", disable=None, leave=False
-        ) as bar:
+        pooled = getattr(self.backend, "pool", False)
+        size = max(1, len(missing)) if pooled else self.batch_size
+        with progress.bar(len(requests), desc or self.role) as bar:
             bar.update(hits)
-            for start in range(0, len(missing), self.batch_size):
-                batch_keys = missing[start : start + self.batch_size]
+            for start in range(0, len(missing), size):
+                batch_keys = missing[start : start + size]
                 batch = [first_request[k] for k in batch_keys]
-                try:
-                    fresh = self._generate(batch)
-                except PartialBatchError as err:
-                    self._save(batch_keys, batch, err.completed)
-                    raise
-                self._save(batch_keys, batch, dict(enumerate(fresh)))
-                for key, answer in zip(batch_keys, fresh, strict=True):
-                    found[key] = answer
-                    self._stats["new_prompt_tokens"] += answer.prompt_tokens
-                    self._stats["new_completion_tokens"] += answer.completion_tokens
-                bar.update(sum(uses[k] for k in batch_keys))
+                found.update(self._answer(batch_keys, batch, pooled, bar, uses))
 
         out = [found[k] for k in keys]
         for answer in out:
@@ -158,19 +149,40 @@ class LLM:
             self._stats["completion_tokens"] += answer.completion_tokens
         return out
 
-    def _generate(self, batch: list[ChatRequest]) -> list[Completion]:
-        answers = self.backend.generate(batch)
+    def _answer(self, keys, batch, pooled, bar, uses) -> dict[str, Completion]:
+        """The backend's answers to ``batch``, each committed (and counted) once: all at the
+        end of the batch, or, from a pooled backend, one by one as they arrive."""
+        answered: dict[str, Completion] = {}
+
+        def take(done: dict[int, Completion]) -> None:
+            fresh = {keys[i]: (batch[i], replace(c, cached=False)) for i, c in done.items()}
+            fresh = {k: v for k, v in fresh.items() if k not in answered}
+            self._save([(k, request, c) for k, (request, c) in fresh.items()])
+            for key, (_, answer) in fresh.items():
+                answered[key] = answer
+                self._stats["backend_calls"] += 1
+                self._stats["new_prompt_tokens"] += answer.prompt_tokens
+                self._stats["new_completion_tokens"] += answer.completion_tokens
+                bar.update(uses[key])
+
+        try:
+            if pooled:
+                answers = self.backend.generate(batch, on_answer=lambda i, c: take({i: c}))
+            else:
+                answers = self.backend.generate(batch)
+        except PartialBatchError as err:
+            take(err.completed)
+            raise
         if len(answers) != len(batch):
             raise ModelError(
                 f"backend {self.backend.name!r} returned {len(answers)} completions for "
                 f"{len(batch)} requests (role {self.role!r}); the backend is faulty"
             )
-        self._stats["backend_calls"] += len(batch)
-        return [replace(a, cached=False) for a in answers]
+        take(dict(enumerate(answers)))
+        return answered
 
-    def _save(self, keys: list[str], batch: list[ChatRequest], done: dict[int, Completion]):
-        if self.cache is not None and done:
-            entries = [(keys[i], batch[i], replace(c, cached=False)) for i, c in done.items()]
+    def _save(self, entries: list[tuple[str, ChatRequest, Completion]]) -> None:
+        if self.cache is not None and entries:
             self.cache.put_many(self.backend, entries)
 
     def _miss_error(self, request: ChatRequest, key: str, count: int) -> CacheMissError:

@@ -2,7 +2,9 @@
 
 The endpoint and key come from the environment variables the profile names
 (``base_url_env``, ``api_key_env``; by default ``OPENAI_BASE_URL`` and
-``OPENAI_API_KEY``). Requests run concurrently up to ``max_concurrency``; rate
+``OPENAI_API_KEY``). Requests run as a pool that keeps ``max_concurrency`` of them in
+flight until the last is answered, and each answer is handed to the caller as it arrives
+(``on_answer``: the client commits it to the call cache at once); rate
 limits, server errors, time-outs, dropped connections and unreadable replies
 are retried here with exponential back-off and jitter (the ``openai``
 client's own retries are off, so the policy is ours and tested). The key is
@@ -32,7 +34,7 @@ import openai
 from ..config import ModelSpec
 from ..errors import ModelError
 from .adapters import adapter_name
-from .base import AnswerFormat, ChatRequest, Completion
+from .base import AnswerFormat, ChatRequest, Completion, OnAnswer
 from .client import PartialBatchError
 from .embedded import EMBEDDED, weights_identity
 from .serve import SERVED_DTYPE
@@ -93,7 +95,7 @@ class OpenAIBackend:
         self.max_delay = max_delay
         # Jitter only spreads retries out in time; it never changes an answer.
         self._jitter = random.Random(jitter_seed)
-        self._min_tokens = 0  # set only by generate_batch (benchmarks)
+        self._identity: dict | None = None
 
     def __repr__(self) -> str:
         return f"OpenAIBackend(model={self.spec.model!r}, base_url={public_url(self.base_url)!r})"
@@ -108,7 +110,13 @@ class OpenAIBackend:
         this machine (``vllm serve`` on a free port, as ``nox -s rehearsal`` starts it) is named
         ``loopback`` without its port, which changes at every start, and by its weights' hashes
         and dtype, so its answers stay replayable. Any other server keeps its full address: a
-        model name alone does not say what a local server serves."""
+        model name alone does not say what a local server serves. Computed once: the cache
+        asks for it at every commit."""
+        if self._identity is None:
+            self._identity = self._identify()
+        return dict(self._identity)
+
+    def _identify(self) -> dict:
         where = public_url(self.base_url)
         identity = {
             "backend": self.name,
@@ -164,22 +172,27 @@ class OpenAIBackend:
         finally:
             client.close()
 
+    pool = True  # the client sends it every miss at once and takes answers via on_answer
+
+    def generate(
+        self, requests: Sequence[ChatRequest], on_answer: OnAnswer | None = None
+    ) -> list[Completion]:
+        """Answer every request, in order; ``on_answer(index, completion)`` is called as
+        each arrives (from the pool's thread)."""
+        return self.generate_batch(requests, on_answer=on_answer)
+
     def generate_batch(
-        self, requests: Sequence[ChatRequest], min_new_tokens: int | None = None
+        self,
+        requests: Sequence[ChatRequest],
+        min_new_tokens: int | None = None,
+        on_answer: OnAnswer | None = None,
     ) -> list[Completion]:
         """As :meth:`generate`; ``min_new_tokens`` forbids stopping earlier (vLLM's
         ``min_tokens``, for benchmarks of equal length; the OpenAI service has no such field)."""
-        if min_new_tokens and self._is_openai():
-            raise ModelError(f"{OPENAI_URL} takes no min_tokens: benchmark a vLLM server")
-        self._min_tokens = min_new_tokens or 0
-        try:
-            return self.generate(requests)
-        finally:
-            self._min_tokens = 0
-
-    def generate(self, requests: Sequence[ChatRequest]) -> list[Completion]:
         if not requests:
             return []
+        if min_new_tokens and self._is_openai():
+            raise ModelError(f"{OPENAI_URL} takes no min_tokens: benchmark a vLLM server")
         if any(r.answer_format for r in requests) and self._is_openai():
             raise ModelError(
                 f"{self.spec.model!r} at {OPENAI_URL} cannot be forced to an answer format "
@@ -203,26 +216,36 @@ class OpenAIBackend:
             groups.setdefault(request.adapter, []).append(i)
         answers: dict[int, Completion] = {}
         for indices in groups.values():
+
+            def arrived(j: int, completion: Completion, indices=indices) -> None:
+                answers[indices[j]] = completion
+                if on_answer is not None:
+                    on_answer(indices[j], completion)
+
+            group = [requests[i] for i in indices]
             try:
-                done = _run_coroutine(self._generate_all([requests[i] for i in indices]))
+                _run_coroutine(self._generate_all(group, arrived, min_new_tokens or 0))
             except PartialBatchError as err:
-                answers.update({indices[j]: c for j, c in err.completed.items()})
-                raise PartialBatchError(str(err), completed=answers) from None
-            answers.update(zip(indices, done, strict=True))
+                raise PartialBatchError(str(err), completed=dict(answers)) from None
         return [answers[i] for i in range(len(requests))]
 
     # --- internals ---------------------------------------------------------------
 
-    async def _generate_all(self, requests: list[ChatRequest]) -> list[Completion]:
+    async def _generate_all(
+        self, requests: list[ChatRequest], arrived: OnAnswer, min_tokens: int
+    ) -> None:
+        """Every request through a pool of ``max_concurrency`` slots: a slot takes the next
+        request the moment its last one is answered, so no request waits for a slow one."""
         limit = asyncio.Semaphore(self.spec.max_concurrency)
         client = openai.AsyncOpenAI(
             base_url=self.base_url, api_key=self._key, max_retries=0, timeout=self.timeout
         )
         try:
 
-            async def one(index: int, request: ChatRequest) -> Completion:
+            async def one(index: int, request: ChatRequest) -> None:
                 async with limit:
-                    return await self._with_retries(client, index, request)
+                    completion = await self._with_retries(client, index, request, min_tokens)
+                arrived(index, completion)
 
             # Every request runs to its end, so one failure does not discard the others.
             results = await asyncio.gather(
@@ -230,24 +253,22 @@ class OpenAIBackend:
             )
         finally:
             await client.close()
-        done = {i: r for i, r in enumerate(results) if isinstance(r, Completion)}
-        failures = [r for r in results if not isinstance(r, Completion)]
+        failures = [r for r in results if r is not None]
         if failures:
             first = failures[0]
             if not isinstance(first, ModelError):
                 raise first
             raise PartialBatchError(
                 f"{len(failures)} of {len(requests)} requests failed; the first: {first}",
-                completed=done,
+                completed={},  # generate_batch fills it from what arrived
             )
-        return [done[i] for i in range(len(requests))]
 
     async def _with_retries(
-        self, client: openai.AsyncOpenAI, index: int, request: ChatRequest
+        self, client: openai.AsyncOpenAI, index: int, request: ChatRequest, min_tokens: int
     ) -> Completion:
         for attempt in range(self.max_retries + 1):
             try:
-                return await self._once(client, request)
+                return await self._once(client, request, min_tokens)
             except Exception as err:
                 reason = self._retry_reason(err)
                 if reason is None:
@@ -278,10 +299,12 @@ class OpenAIBackend:
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")  # the loop returns or raises
 
-    async def _once(self, client: openai.AsyncOpenAI, request: ChatRequest) -> Completion:
+    async def _once(
+        self, client: openai.AsyncOpenAI, request: ChatRequest, min_tokens: int
+    ) -> Completion:
         options = request_options(self.served_model, request)
-        if self._min_tokens:
-            options.setdefault("extra_body", {})["min_tokens"] = self._min_tokens
+        if min_tokens:
+            options.setdefault("extra_body", {})["min_tokens"] = min_tokens
         try:
             reply = await client.chat.completions.create(
                 model=adapter_name(request.adapter) if request.adapter else self.served_model,
@@ -434,7 +457,7 @@ def _completion(reply: Any) -> Completion:
     )
 
 
-def _run_coroutine(coroutine: Coroutine[Any, Any, list[Completion]]) -> list[Completion]:
+def _run_coroutine(coroutine: Coroutine[Any, Any, None]) -> None:
     """Run to completion, also from code that already has a loop (a Jupyter kernel)."""
     try:
         asyncio.get_running_loop()

@@ -19,7 +19,7 @@ import pandas as pd
 
 from ..config import Profile
 from ..files import read_json
-from ..manifests import MANIFEST
+from ..manifests import MANIFEST, call_totals
 from ..runs import Run, find_run
 
 RAW_INLINE = re.compile(r"`[^`]*`\{=\w+\}")  # pandoc raw HTML/Typst: not shown, takes no width
@@ -41,7 +41,6 @@ def manifests(run: Run) -> pd.DataFrame:
     rows = []
     for folder in (f for stage in STAGE_NAMES for f in run.finished_units(stage)):
         m = read_json(folder / MANIFEST, "manifest")
-        llm = m.get("llm") or {}
         rows.append(
             {
                 "stage": m.get("stage"),
@@ -50,12 +49,7 @@ def manifests(run: Run) -> pd.DataFrame:
                 "method": m.get("method") or "",
                 "wall_s": m.get("wall_s"),
                 "finished": m.get("finished"),
-                "requests": sum(int(v.get("requests", 0)) for v in llm.values()),
-                "cache_hits": sum(int(v.get("hits", 0)) for v in llm.values()),
-                "new_tokens": sum(
-                    int(v.get("new_prompt_tokens", 0)) + int(v.get("new_completion_tokens", 0))
-                    for v in llm.values()
-                ),
+                **call_totals(m),
                 "commit": (m.get("code") or {}).get("commit"),
                 "profile_digest": m.get("profile_digest"),
             }

@@ -1,0 +1,27 @@
+"""What model calls cost in dollars: the one table of prices (estimates and manifests)."""
+
+from __future__ import annotations
+
+import math
+
+from .config import ModelSpec
+from .llm.embedded import EMBEDDED
+
+# USD per 1M tokens (input, output), standard tier, from the OpenAI API pricing
+# page (https://openai.com/api/pricing/) as listed in 2025 (checked 2025-10).
+PRICES_PER_MILLION: dict[str, tuple[float, float]] = {
+    "gpt-4o-mini": (0.15, 0.60),
+    "gpt-4o": (2.50, 10.00),
+}
+PRICES_AS_OF = "2025-10"
+LOCAL_BACKENDS = ("transformers", "vllm", "fake")
+
+
+def cost(spec: ModelSpec, tokens_in: float, tokens_out: float) -> float:
+    """Dollar cost of the tokens on ``spec``'s model; NaN for a paid model of unknown price."""
+    if spec.backend in LOCAL_BACKENDS or spec.model == EMBEDDED:  # served locally: free
+        return 0.0
+    price = PRICES_PER_MILLION.get(spec.model)
+    if price is None:
+        return math.nan
+    return (tokens_in * price[0] + tokens_out * price[1]) / 1e6
