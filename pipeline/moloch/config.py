@@ -25,7 +25,8 @@ from .tasks import TASKS
 
 DEFAULT_PROFILE = "smoke"
 
-Backend = Literal["transformers", "vllm", "openai", "fake"]
+Backend = Literal["transformers", "vllm", "openai", "openai-batch", "fake"]
+REMOTE_BACKENDS = ("openai", "openai-batch")  # an API's models: no local budget needed
 # How closely a run follows the authors' v1 code (see TrainingSpec.mode).
 Fidelity = Literal["faithful", "corrected"]
 FIDELITY: tuple[str, ...] = ("faithful", "corrected")
@@ -109,6 +110,12 @@ class ModelSpec(Strict):
     retry_base_s: float = Field(
         default=1.0, gt=0, description="openai backend: the first back-off before a retry"
     )
+    batch_poll_s: float = Field(
+        default=30.0, gt=0, description="openai-batch backend: seconds between two polls"
+    )
+    batch_max_requests: int = Field(
+        default=50_000, gt=0, le=50_000, description="openai-batch backend: lines per batch"
+    )
     served_adapters: Literal["refuse", "by_name"] = Field(
         default="refuse",
         description="openai backend, a request with a LoRA adapter: refuse it (an endpoint "
@@ -145,7 +152,7 @@ class ModelSpec(Strict):
 
     @model_validator(mode="after")
     def _local_needs_a_budget(self):
-        if self.max_tokens is None and self.backend != "openai":
+        if self.max_tokens is None and self.backend not in REMOTE_BACKENDS:
             raise ValueError(f"max_tokens: the {self.backend} backend needs a number")
         if self.engine is not None and self.backend != "vllm":
             raise ValueError(f"engine: settings of a vLLM engine, not of backend {self.backend}")

@@ -86,6 +86,7 @@ def _row(stage, task, player, role, spec, calls, tokens_in, reply_tokens, *, unl
         "output_tokens_max": max_out,
         "cost_usd": cost(spec, tokens_in, expected_out),
         "cost_usd_max": cost(spec, tokens_in, max_out),
+        "cost_usd_batch": cost(spec, tokens_in, expected_out, batch=True),  # openai-batch
     }
 
 
@@ -171,7 +172,7 @@ def estimate(
 def render(table: pd.DataFrame) -> str:
     """The table as text: each row, totals by stage, and the grand total."""
     numbers = ["calls", "input_tokens", "output_tokens", "output_tokens_max"]
-    money = ["cost_usd", "cost_usd_max"]
+    money = ["cost_usd", "cost_usd_max", "cost_usd_batch"]
     by_stage = table.groupby(["stage", "role", "model"], sort=False)[numbers + money]
     totals = by_stage.sum(min_count=1).reset_index()
     grand = table[numbers + money].sum(min_count=1)
@@ -180,7 +181,8 @@ def render(table: pd.DataFrame) -> str:
     lines = [
         f"Estimate for profile {attrs.get('profile')!r}; tokens by {attrs.get('tokens')}; "
         f"prices as of {attrs.get('prices_as_of')} (local backends $0, unknown price NaN).",
-        "Replies and messages not yet written are sized by assumptions; *_max: at max_tokens.",
+        "Replies and messages not yet written are sized by assumptions; *_max: at max_tokens;",
+        "cost_usd_batch: the expected tokens at the Batch API's price (backend: openai-batch).",
         "",
         table.to_string(index=False, formatters=fmt),
         "",

@@ -14,14 +14,18 @@ PRICES_PER_MILLION: dict[str, tuple[float, float]] = {
     "gpt-4o": (2.50, 10.00),
 }
 PRICES_AS_OF = "2025-10"
+BATCH_DISCOUNT = 0.5  # the Batch API's price, as a share of the standard one (same page)
 LOCAL_BACKENDS = ("transformers", "vllm", "fake")
 
 
-def cost(spec: ModelSpec, tokens_in: float, tokens_out: float) -> float:
-    """Dollar cost of the tokens on ``spec``'s model; NaN for a paid model of unknown price."""
+def cost(spec: ModelSpec, tokens_in: float, tokens_out: float, batch: bool | None = None) -> float:
+    """Dollar cost of the tokens on ``spec``'s model; NaN for a paid model of unknown price.
+    ``batch``: at the Batch API's price (None: where the role's backend is openai-batch)."""
     if spec.backend in LOCAL_BACKENDS or spec.model == EMBEDDED:  # served locally: free
         return 0.0
     price = PRICES_PER_MILLION.get(spec.model)
     if price is None:
         return math.nan
-    return (tokens_in * price[0] + tokens_out * price[1]) / 1e6
+    batch = spec.backend == "openai-batch" if batch is None else batch
+    share = BATCH_DISCOUNT if batch else 1.0
+    return share * (tokens_in * price[0] + tokens_out * price[1]) / 1e6

