@@ -8,12 +8,13 @@ import logging
 import threading
 import time
 from collections import deque
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from moloch.config import ModelSpec
 from moloch.errors import ModelError
+from moloch.faults import LocalServer
 from moloch.llm import CallCache, ChatRequest, Completion, get_llm
 from moloch.llm.base import AnswerFormat
 from moloch.llm.cache import call_key
@@ -42,12 +43,7 @@ def reply_body(text: str) -> bytes:
     ).encode()
 
 
-class _Listener(ThreadingHTTPServer):
-    daemon_threads = True  # a handler still sleeping must not hold teardown
-    request_queue_size = 64  # the default 5 can refuse a burst of new connections
-
-
-class Server:
+class Server(LocalServer):
     """A chat-completions endpoint that plays a script of behaviours, one per request.
 
     Behaviours: "ok", "429", "500", "401", "slow", "truncated", "malformed". When
@@ -124,19 +120,7 @@ class Server:
                 self.end_headers()
                 self.wfile.write(payload)
 
-        self.httpd = _Listener(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        )
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
 
 
 @pytest.fixture

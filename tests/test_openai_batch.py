@@ -6,18 +6,19 @@ import email.parser
 import json
 import threading
 from collections import deque
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from moloch.config import ModelSpec
 from moloch.errors import ModelError
+from moloch.faults import LocalServer
 from moloch.llm import CallCache, ChatRequest, get_llm
 from moloch.llm.openai_batch import BATCH_ROUNDS, OpenAIBatchBackend
 from moloch.prices import cost
 
 
-class BatchAPI:
+class BatchAPI(LocalServer):
     """The OpenAI files and batches endpoints, in memory, on 127.0.0.1.
 
     A batch moves from validating to in_progress to its fate over successive retrieves;
@@ -67,10 +68,7 @@ class BatchAPI:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        super().__init__(Handler)
 
     def upload(self, content_type: str, body: bytes) -> dict:
         message = email.parser.BytesParser().parsebytes(
@@ -139,14 +137,6 @@ class BatchAPI:
                 batch[name] = file_id
         batch["status"] = "completed" if fate in ("complete", "errors") else fate
         batch["request_counts"].update(completed=len(good), failed=len(bad))
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture

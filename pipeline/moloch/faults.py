@@ -69,11 +69,31 @@ MARKUP = (
 
 
 class _Listener(ThreadingHTTPServer):
-    daemon_threads = True
+    daemon_threads = True  # a handler still sleeping must not hold the shutdown
     request_queue_size = 256  # the default 5 drops connections when many clients start at once
 
 
-class FaultServer:
+class LocalServer:
+    """An HTTP server on a free 127.0.0.1 port (``url``: its /v1 root), serving ``handler``
+    from a thread while in a ``with`` block (the fake servers of the suite and the tests)."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]):
+        self.httpd = _Listener(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class FaultServer(LocalServer):
     """A deterministic chat-completions server on 127.0.0.1 that can misbehave on purpose.
 
     Votes and verdicts are a pure function of the request (so a resumed run gets the
@@ -141,9 +161,7 @@ class FaultServer:
                     self.end_headers()
                     self.wfile.write(payload)
 
-        self.httpd = _Listener(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        super().__init__(Handler)
 
     def reply(self, body: dict, key: str) -> bytes:
         system = body["messages"][0]["content"]
@@ -163,14 +181,6 @@ class FaultServer:
                 "usage": {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20},
             }
         ).encode()  # fmt: skip
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 # --- the suite's profile and runs ------------------------------------------------------------
