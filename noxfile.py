@@ -74,13 +74,13 @@ def lint(session: nox.Session) -> None:
 @nox.session(venv_backend="none")
 def data(session: nox.Session) -> None:
     """Fetch every input of data/inputs.csv into the cache and verify its SHA-256."""
-    _run(session, "moloch.data", *session.posargs)
+    _run(session, "moloch.cli", "data", *session.posargs)
 
 
 @nox.session(venv_backend="none")
 def report(session: nox.Session) -> None:
     """Render a run's report into _book/<profile>/: `-- --profile paper` or `-- --run-dir X`."""
-    _run(session, "moloch.report", *session.posargs)
+    _run(session, "moloch.cli", "report", *session.posargs)
 
 
 @nox.session(venv_backend="none")
@@ -89,13 +89,13 @@ def chapter(session: nox.Session) -> None:
     if not session.posargs or session.posargs[0].startswith("-"):
         session.error("name the chapter: nox -s chapter -- sales [--stages] [--profile smoke]")
     name, *rest = session.posargs
-    _run(session, "moloch.report", "--chapter", name, *rest)
+    _run(session, "moloch.cli", "chapter", name, *rest)
 
 
 @nox.session(venv_backend="none")
 def estimate(session: nox.Session) -> None:
     """Model calls, tokens and API cost of a profile before running it: `-- --profile paper`."""
-    _run(session, "moloch.estimate", *session.posargs)
+    _run(session, "moloch.cli", "estimate", *session.posargs)
 
 
 @nox.session(venv_backend="none")
@@ -109,7 +109,7 @@ def reproduce(session: nox.Session) -> None:
         session.log("partial run: report not rendered (nox -s report renders it)")
         return
     chosen = [(o, _option(session.posargs, o)) for o in ("--profile", "--run-dir")]
-    _run(session, "moloch.report", *[part for o, v in chosen if v for part in (o, v)])
+    _run(session, "moloch.cli", "report", *[part for o, v in chosen if v for part in (o, v)])
 
 
 PARTIAL = {"--only", "--until", "--task", "--model"}
@@ -218,7 +218,9 @@ def rehearsal(session: nox.Session) -> None:
     if any(arg.split("=")[0] in PARTIAL for arg in args):
         session.log("partial run: report not rendered (nox -s report -- --profile rehearsal)")
         return
-    session.run(python, "-m", "moloch.report", "--profile", "rehearsal", env=ENV, external=True)
+    session.run(
+        python, "-m", "moloch.cli", "report", "--profile", "rehearsal", env=ENV, external=True
+    )
 
 
 @nox.session(venv_backend="none")

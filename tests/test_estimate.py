@@ -78,9 +78,14 @@ def test_assumptions_are_capped_by_max_tokens():
     assert set(table.calls[table.stage == "episode votes"]) == {8 * 5}
 
 
-def test_unknown_paid_model_has_no_price():
+def test_unknown_paid_model_has_no_price_and_a_server_here_is_free(monkeypatch):
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     spec = ModelSpec(backend="openai", model="mystery", temperature=0, max_tokens=1)
     assert math.isnan(cost(spec, 1000, 1000))
+    priced = spec.model_copy(update={"model": "gpt-4o"})
+    assert cost(priced, 1e6, 0) == pytest.approx(2.5)
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:8000/v1")  # vllm serve, say
+    assert cost(spec, 1000, 1000) == cost(priced, 1e6, 0) == 0
 
 
 def test_command_line_on_the_real_inputs(mirror_env, tmp_path, capsys):

@@ -244,8 +244,16 @@ def test_embedded_model_runs_every_stage_through_notebooks(
 
 
 @pytest.mark.integration
-def test_embedded_player_trains_and_generates_with_its_adapter(tmp_path, mirror_env, tiny_profile):
-    """Real players, training and judge in-process; a scripted audience makes duels winnable."""
+def test_embedded_player_trains_and_generates_with_its_adapter(
+    tmp_path, mirror_env, tiny_profile, monkeypatch
+):
+    """Real players, training and judge in-process; a scripted audience makes duels winnable.
+    Then the run is archived without its LoRA weights, unpacked elsewhere, and every stage
+    but training rebuilt in replay mode to the same bytes."""
+    from moloch.archive import fetch, pack, unpack
+    from moloch.runs import find_run
+    from moloch.stages import STAGE_NAMES
+
     pytest.importorskip("moloch.llm.hf")
     path = tiny_profile()
     runs = tmp_path / "runs"
@@ -275,6 +283,16 @@ def test_embedded_player_trains_and_generates_with_its_adapter(tmp_path, mirror_
         assert generated["llm"]["player"]["requests"] == 2 * 2
     labels = read_jsonl(runs / "probe/sales" / model / "labels.jsonl")
     assert {r["method"] for r in labels} == {"base", "rft", "tfb"}
+
+    archive = pack(find_run(run_dir=runs), tmp_path / "tiny.tar.gz")
+    copy = unpack(fetch(str(archive)), tmp_path / "copy")
+    assert not list(copy.rglob("*.safetensors")) and list(runs.rglob("*.safetensors"))
+    monkeypatch.setenv("MOLOCH_LLM_MODE", "replay")
+    forced = [s for s in STAGE_NAMES if s != "train"]
+    reports = run_pipeline(path, run_dir=copy, notebooks=False, llm_factory=factory,
+                           force=forced, log=lambda _: None)  # fmt: skip
+    assert {r.stage for r in reports if r.status == "ran"} == set(forced)
+    assert outputs(copy) == outputs(runs)
 
 
 SEPARATORS = "\u2028 \u2029 \r \x85 \r\n"  # str.splitlines breaks at each of them

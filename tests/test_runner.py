@@ -284,3 +284,23 @@ def test_kernelspec_runs_this_interpreter(tmp_path, monkeypatch):
     from jupyter_client.kernelspec import KernelSpecManager
 
     assert KernelSpecManager().get_kernel_spec(name).argv[0] == sys.executable
+
+
+@pytest.mark.parametrize("command", ["estimate", "data", "cells", "claims", "report", "chapter"])
+def test_every_command_is_a_moloch_subcommand_with_its_own_help(command, capsys):
+    from moloch import cli
+
+    with pytest.raises(SystemExit) as done:
+        cli.main([command, "--help"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: moloch {command} ")
+
+
+def test_a_bad_argument_exits_2_and_a_failure_1(tmp_path, capsys):
+    from moloch import cli
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["run", "--frobnicate"])
+    assert done.value.code == 2
+    assert cli.main(["run", "--max-cost", "-1"]) == 2
+    assert "--max-cost -1.0: give a number of dollars" in capsys.readouterr().err

@@ -106,8 +106,8 @@ def read_cells(run: Run, task: str | None = None) -> pd.DataFrame:
     return cells if task is None else cells[cells["task"] == task].reset_index(drop=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str = "python -m moloch.cells") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--profile", help="profile name or YAML path")
     parser.add_argument("--run-dir", help="run folder (default data/runs/<profile>)")
     parser.add_argument("--force", action="store_true", help="recompute even if up to date")

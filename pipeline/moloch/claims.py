@@ -484,8 +484,8 @@ def read_claims(run: Run) -> pd.DataFrame:
     return pd.read_csv(run.claims_path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str = "python -m moloch.claims") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("registry", help="build data/claims.csv from the published values")
     evaluate = sub.add_parser("evaluate", help="check every claim against a run's cells")

@@ -5,6 +5,9 @@
     moloch run --only probe --task sales --force probe
     moloch run --force all                           # every stage again (e.g. in replay)
     moloch status --profile smoke                    # each unit: up to date, stale (why), missing
+    moloch archive --profile smoke [--adapters]      # the run as one file, with its SHA-256
+    moloch fetch-run URL-or-FILE [--sha256 HEX]      # unpack an archive into data/runs/<profile>
+    MOLOCH_LLM_MODE=replay moloch run --run-dir DIR --force all-but-train   # rebuild from it
     moloch stages                                    # the stages, in order
 
 (``python -m moloch.cli ...`` is the same without the console script.)
@@ -13,10 +16,21 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
 from .errors import MolochError, guarded
+
+# moloch COMMAND ARGS: the command line of the module that does the work (its own --help).
+DELEGATED = {
+    "estimate": ("moloch.estimate", (), "model calls, tokens and dollars of a profile"),
+    "data": ("moloch.data", (), "fetch every input and verify its SHA-256"),
+    "cells": ("moloch.cells", (), "a run's table of numbers with their intervals"),
+    "claims": ("moloch.claims", (), "the claims registry, or every claim's verdict for a run"),
+    "report": ("moloch.report.__main__", (), "render a run's report (HTML and PDF)"),
+    "chapter": ("moloch.report.__main__", ("--chapter",), "re-execute and re-render a chapter"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,12 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--only", action="append", choices=STAGE_NAMES, help="run only this stage")
     run.add_argument("--until", choices=STAGE_NAMES, help="stop after this stage")
     run.add_argument(
-        "--force", action="append", default=[], choices=(*STAGE_NAMES, "all"),
-        help="rerun this stage (all: every stage)",
+        "--force", action="append", default=[], choices=(*STAGE_NAMES, "all", "all-but-train"),
+        help="rerun this stage (all: every stage; all-but-train: every stage made from model "
+        "calls and data, e.g. to replay an archive without its adapter weights)",
     )  # fmt: skip
     run.add_argument("--task", action="append", help="only this task (repeatable)")
     run.add_argument("--model", action="append", help="only this player (repeatable)")
     run.add_argument("--run-dir", help="run folder (default data/runs/<profile>, or $MOLOCH_RUNS)")
+    run.add_argument("--yes", action="store_true", help="paid models: go on without asking")
+    run.add_argument(
+        "--max-cost", type=float, metavar="DOLLARS",
+        help="paid models: start no unit that would take this run's spend past DOLLARS",
+    )  # fmt: skip
     run.add_argument(
         "--no-notebooks",
         action="store_true",
@@ -48,11 +68,29 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("--profile", "--run-dir", "--task", "--model"):
         action = next(a for a in run._actions if a.option_strings == [name])
         status.add_argument(name, action=type(action), help=action.help)  # as for run
+    archive = commands.add_parser("archive", help="pack a finished run into one file")
+    archive.add_argument("--profile", help="profile name or YAML path")
+    archive.add_argument("--run-dir", help="run folder (default data/runs/<profile>)")
+    archive.add_argument("--adapters", action="store_true", help="include the LoRA weights")
+    archive.add_argument("--out", help="archive file (default <run folder>.tar.gz)")
+    fetch = commands.add_parser("fetch-run", help="download (or take) a run archive, unpack it")
+    fetch.add_argument("source", help="URL or path of the archive")
+    fetch.add_argument("--sha256", help="its SHA-256 (a local file's .sha256 is read)")
+    fetch.add_argument("--run-dir", help="where to unpack (default data/runs/<its profile>)")
     commands.add_parser("stages", help="list the stages in order")
+    for name, (_, _, what) in DELEGATED.items():
+        commands.add_parser(name, help=f"{what} (moloch {name} --help)", add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        module, before, _ = DELEGATED[argv[0]]
+        rest = argv[1:]
+        if rest and not rest[0].startswith("-"):  # moloch chapter sales ...
+            rest = [*before, *rest]
+        return importlib.import_module(module).main(rest, prog=f"moloch {argv[0]}")
     args = build_parser().parse_args(argv)
     return guarded(lambda: _main(args))
 
@@ -77,6 +115,22 @@ def _main(args) -> int:
         statuses = run_status(run, STAGES, tasks, models)
         print(render(statuses))
         return 0
+    if args.command == "archive":
+        from .archive import pack
+        from .runs import find_run
+
+        out = pack(find_run(args.profile, args.run_dir), args.out, adapters=args.adapters)
+        print(f"moloch: archive {out} (SHA-256 in {out.name}.sha256)")
+        return 0
+    if args.command == "fetch-run":
+        from .archive import fetch, unpack
+
+        folder = unpack(fetch(args.source, args.sha256), args.run_dir)
+        print(f"moloch: run unpacked into {folder}; replay it with MOLOCH_LLM_MODE=replay "
+              f"moloch run --run-dir {folder} --force all-but-train")  # fmt: skip
+        return 0
+    if args.command == "run" and args.max_cost is not None and args.max_cost < 0:
+        raise MolochError(f"--max-cost {args.max_cost}: give a number of dollars, 0 or more")
     if args.only and args.until:
         raise MolochError("give --only or --until, not both")
     from .runner import run_pipeline
@@ -86,15 +140,25 @@ def _main(args) -> int:
         args.profile,
         only=args.only,
         until=args.until,
-        force=STAGE_NAMES if "all" in args.force else args.force,
+        force=_forced(args.force, STAGE_NAMES),
         tasks=args.task,
         models=args.model,
         run_dir=args.run_dir,
         notebooks=not args.no_notebooks,
+        yes=args.yes,
+        max_cost=args.max_cost,
     )
     ran = sum(r.status == "ran" for r in reports)
     print(f"moloch: {ran} unit(s) run, {len(reports) - ran} up to date")
     return 0
+
+
+def _forced(chosen: list[str], stages: Sequence[str]) -> list[str]:
+    if "all" in chosen:
+        return list(stages)
+    if "all-but-train" in chosen:
+        return [s for s in stages if s != "train"]
+    return chosen
 
 
 if __name__ == "__main__":

@@ -343,9 +343,9 @@ def _personas(path: Path, sha256: str, fmt: str) -> tuple[Persona, ...]:
 # --- command line ---------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m moloch.data") -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m moloch.data",
+        prog=prog,
         description=(
             "Fetch every input of data/inputs.csv into the cache and verify its SHA-256. "
             f"Set {ENV_MIRROR} to a local mirror folder to work offline; MOLOCH_CACHE "

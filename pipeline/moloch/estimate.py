@@ -194,8 +194,8 @@ def render(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moloch.estimate", description=__doc__)
+def main(argv: list[str] | None = None, prog: str = "python -m moloch.estimate") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     parser.add_argument("--profile", default="smoke", help="profile name or YAML path")
     parser.add_argument("--csv", type=Path, help="also write the table to this CSV file")
     defaults = Assumptions()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .files import read_json
 from .hashing import file_sha256, text_sha256
+from .llm.adapters import not_archived
 from .paths import ROOT
 
 MANIFEST = "manifest.json"
@@ -58,13 +59,21 @@ def outputs_hash(manifest: dict) -> str:
 def changed_outputs(folder: Path, manifest: dict) -> list[str]:
     """The recorded outputs of ``folder`` that are missing or differ from their recorded
     SHA-256 (empty: every output is as written). Sizes are compared first; each file is
-    hashed once per process while its size and modification time stay the same."""
+    hashed once per process while its size and modification time stay the same. A file
+    a run archive left out on purpose (``NOT_ARCHIVED``, same hash) is not missing."""
     problems = []
     outputs = manifest.get("outputs")
     if not isinstance(outputs, dict):
         return ["(the manifest lists no outputs)"]
+    left_out = not_archived(folder).get("files", {})
     for name, info in outputs.items():
         path = Path(folder) / name
+        if (
+            not path.is_file()
+            and isinstance(info, dict)
+            and left_out.get(name) == info.get("sha256")
+        ):
+            continue  # not in the archive: a replay needs only its hash
         if not isinstance(info, dict) or not path.is_file():
             problems.append(f"{name} (missing)")
             continue
@@ -110,24 +119,6 @@ def package_versions() -> dict:
     return versions
 
 
-def spending(unit) -> dict:
-    """Each model's call counts (``Unit.llm_stats``) with ``dollars``: what its new calls
-    cost at the listed prices (None for a paid model without one; cached calls are free)."""
-    import math
-
-    from .prices import cost
-
-    stats = unit.llm_stats()
-    for role, served in stats.items():
-        spent = cost(
-            unit.spec(role),
-            served.get("new_prompt_tokens", 0),
-            served.get("new_completion_tokens", 0),
-        )
-        served["dollars"] = None if math.isnan(spent) else round(spent, 6)
-    return stats
-
-
 def call_totals(manifest: dict) -> dict:
     """A unit's model calls over its roles: requests, cache hits, new tokens and dollars
     (NaN where a paid model has no listed price; a manifest from before dollars: 0)."""
@@ -155,8 +146,11 @@ def summary_line(manifest: dict) -> str:
     )
 
 
-def build_manifest(unit, fingerprint: dict, summary: dict, wall_s: float) -> dict:
-    """The manifest of a unit that just did its work (``summary``: what ``work`` returned)."""
+def build_manifest(
+    unit, fingerprint: dict, summary: dict, wall_s: float, llm: dict | None = None
+) -> dict:
+    """The manifest of a unit that just did its work (``summary``: what ``work`` returned;
+    ``llm``: its models' call counts, by default ``unit.llm_stats()``)."""
     return {
         "stage": unit.stage.name,
         "task": unit.task,
@@ -173,7 +167,7 @@ def build_manifest(unit, fingerprint: dict, summary: dict, wall_s: float) -> dic
         "counts": summary.get("counts", {}),
         "invalid": summary.get("invalid", {}),
         "details": {k: v for k, v in summary.items() if k not in ("counts", "invalid")},
-        "llm": spending(unit),
+        "llm": llm if llm is not None else unit.llm_stats(),
         "wall_s": round(wall_s, 3),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "outputs": output_files(unit.out_dir),

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
+from urllib.parse import urlsplit
 
 from .config import ModelSpec
+from .llm.base import LOOPBACK, OPENAI_URL
 from .llm.embedded import EMBEDDED
 
 # USD per 1M tokens (input, output), standard tier, from the OpenAI API pricing
@@ -18,10 +21,18 @@ BATCH_DISCOUNT = 0.5  # the Batch API's price, as a share of the standard one (s
 LOCAL_BACKENDS = ("transformers", "vllm", "fake")
 
 
+def served_here(spec: ModelSpec) -> bool:
+    """Whether ``spec``'s model runs on this machine: a local backend, the embedded model, or
+    an OpenAI-compatible server on loopback (its address from the role's variable)."""
+    if spec.backend in LOCAL_BACKENDS or spec.model == EMBEDDED:
+        return True
+    return urlsplit(os.environ.get(spec.base_url_env) or OPENAI_URL).hostname in LOOPBACK
+
+
 def cost(spec: ModelSpec, tokens_in: float, tokens_out: float, batch: bool | None = None) -> float:
     """Dollar cost of the tokens on ``spec``'s model; NaN for a paid model of unknown price.
     ``batch``: at the Batch API's price (None: where the role's backend is openai-batch)."""
-    if spec.backend in LOCAL_BACKENDS or spec.model == EMBEDDED:  # served locally: free
+    if served_here(spec):  # free
         return 0.0
     price = PRICES_PER_MILLION.get(spec.model)
     if price is None:

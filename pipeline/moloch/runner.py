@@ -30,13 +30,21 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .budget import Budget, paid, pending_costs, spending
 from .config import Profile
 from .errors import StageError
 from .files import read_jsonl, write_json
 from .fingerprints import fingerprint
 from .kernels import execute_notebook
 from .locks import shard_lock
-from .manifests import MANIFEST, build_manifest, changed_outputs, read_manifest, summary_line
+from .manifests import (
+    MANIFEST,
+    build_manifest,
+    call_totals,
+    changed_outputs,
+    read_manifest,
+    summary_line,
+)
 from .paths import NOTEBOOKS_DIR
 from .progress import Watcher
 from .runs import Run, find_run
@@ -54,6 +62,7 @@ class UnitReport:
     method: str | None
     status: str
     wall_s: float
+    dollars: float = 0.0  # what its new model calls cost (NaN: a paid model without a price)
 
 
 @dataclass(frozen=True)
@@ -112,7 +121,7 @@ def _work(unit: Unit, fprint: dict) -> dict:
     for leftover in unit.out_dir.glob(".*.tmp"):  # half-written by an interrupted run
         leftover.unlink()
     summary = unit.stage.work(unit) or {}
-    manifest = build_manifest(unit, fprint, summary, time.monotonic() - started)
+    manifest = build_manifest(unit, fprint, summary, time.monotonic() - started, spending(unit))
     write_json(unit.out_dir / MANIFEST, manifest)
     return manifest
 
@@ -228,8 +237,11 @@ def run_pipeline(
     notebooks: bool = True,
     llm_factory: LlmFactory | None = None,
     log: Callable[[str], None] = print,
+    yes: bool = False,
+    max_cost: float | None = None,
 ) -> list[UnitReport]:
-    """Run (or skip) every unit of the selected stages, in order; see the module docstring."""
+    """Run (or skip) every unit of the selected stages, in order; see the module docstring.
+    With paid models, ``yes`` and ``max_cost`` are the consent and the cap (moloch.budget)."""
     stages = STAGES if stages is None else stages
     run = find_run(profile, run_dir)
     selected = select_stages(stages, only, until)
@@ -238,8 +250,12 @@ def run_pipeline(
     task_list = _choose(tasks, run.profile.tasks, "task")
     model_list = _choose(models, tuple(p.name for p in run.profile.players), "model")
     factory = llm_factory or run_models
+    budget = None
     if llm_factory is None:
         preflight(run, selected, model_list)
+        if _live() and paid(_specs(run, selected, model_list)):
+            budget = Budget(pending_costs(run, selected, task_list, model_list), max_cost, log)
+            budget.consent(yes)
     reports: list[UnitReport] = []
     with contextlib.ExitStack() as held:
         for task in task_list:
@@ -251,23 +267,50 @@ def run_pipeline(
                 for model in model_list:
                     for method in stage.methods or (None,):
                         unit = Unit.of(stage, run, task, model, method, factory)
-                        reports.append(_run_unit(unit, stage.name in force, notebooks, log))
+                        if budget is not None:
+                            budget.allow((stage.name, task, model, method), unit.where)
+                        report = _run_unit(unit, stage.name in force, notebooks, log)
+                        if budget is not None:
+                            budget.add(report.dollars)
+                        reports.append(report)
     return reports
+
+
+def _live() -> bool:
+    from .llm.client import default_mode
+
+    return default_mode() == "live"
+
+
+def _specs(run: Run, stages: list[Stage], models: list[str]) -> list:
+    """The model specs the stages call, for these players."""
+    roles = {role for stage in stages for role in stage.roles}
+    specs = [run.profile.player(m) for m in models] if "player" in roles else []
+    return specs + [getattr(run.profile, r) for r in ("audience", "judge") if r in roles]
+
+
+MIN_FREE_BYTES = 1 << 30  # a run folder's disk must have this much free (outputs, cache)
 
 
 def preflight(run: Run, stages: list[Stage], models: list[str]) -> None:
     """Before the first stage: every model the selected stages call can answer (weights
-    found, servers reachable and keyed). Skipped in replay mode, which calls no model."""
-    from .llm import preflight as check
-    from .llm.client import default_mode
+    found, vLLM importable where a role needs it, servers reachable and keyed), and the run
+    folder's disk has room. Skipped in replay mode, which calls no model."""
+    import shutil
 
-    if default_mode() == "replay":
+    from .llm import preflight as check
+
+    if not _live():
         return
-    roles = {role for stage in stages for role in stage.roles}
-    specs = [run.profile.player(m) for m in models] if "player" in roles else []
-    specs += [getattr(run.profile, role) for role in ("audience", "judge") if role in roles]
-    for spec in specs:
+    for spec in _specs(run, stages, models):
         check(spec)
+    existing = next(p for p in (run.folder, *run.folder.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < MIN_FREE_BYTES:
+        raise StageError(
+            f"only {free / 2**30:.2f} GiB free on the disk of {run.folder}: free some space, "
+            f"or put the run elsewhere (--run-dir, or MOLOCH_RUNS)"
+        )
 
 
 def _run_unit(unit: Unit, force: bool, notebooks: bool, log) -> UnitReport:
@@ -280,4 +323,5 @@ def _run_unit(unit: Unit, force: bool, notebooks: bool, log) -> UnitReport:
     manifest = _run_notebook(unit, fprint) if notebooks else _work(unit, fprint)
     wall = time.monotonic() - started
     log(f"[done] {unit.where} in {wall:.1f}s: {summary_line(manifest)}")
-    return UnitReport(unit.stage.name, unit.task, unit.model, unit.method, "ran", wall)
+    dollars = call_totals(manifest)["dollars"]
+    return UnitReport(unit.stage.name, unit.task, unit.model, unit.method, "ran", wall, dollars)

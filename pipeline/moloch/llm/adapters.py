@@ -55,15 +55,38 @@ def adapter_sha256(folder: str | Path) -> str:
 
 
 SUMMARY = "train_summary.json"  # written by moloch.training beside the weights
+# In a train unit unpacked from a run archive (moloch.archive): the weight files left out,
+# with the hashes the unit's manifest recorded, and each adapter folder's content hash.
+NOT_ARCHIVED = ".not-archived.json"
+
+
+def not_archived(unit_folder: str | Path) -> dict:
+    """What a unit folder's archive left out: ``{"files": {name: sha256}, "adapters":
+    {folder name: content hash}}`` (empty when nothing was)."""
+    path = Path(unit_folder) / NOT_ARCHIVED
+    try:
+        marker = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{path} cannot be read ({err}): unpack the run archive again") from err
+    return marker if isinstance(marker, dict) else {}
 
 
 def verified_sha256(folder: str | Path) -> str:
     """The adapter's content hash, after checking it against the one recorded at training.
 
     A folder whose files no longer hash to what ``train_summary.json`` recorded is refused:
-    a garbled adapter would otherwise answer (badly) under a key of its own.
+    a garbled adapter would otherwise answer (badly) under a key of its own. Weights a run
+    archive left out (``moloch.archive``) are named by the hash the archive recorded, so a
+    replay finds their answers; a live call still needs the weights.
     """
-    digest = adapter_sha256(folder)
+    try:
+        digest = adapter_sha256(folder)
+    except ModelError:
+        # Weights left out of a run archive: the content hash it recorded keys the cache.
+        recorded = not_archived(Path(folder).parent).get("adapters", {}).get(Path(folder).name)
+        if recorded:
+            return recorded
+        raise
     summary = Path(folder) / SUMMARY
     if summary.is_file():
         try:

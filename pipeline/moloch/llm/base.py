@@ -14,6 +14,10 @@ from typing import Protocol, runtime_checkable
 from ..errors import ModelError
 
 Message = tuple[str, str]  # (role, content)
+# Where an OpenAI-compatible role's requests go by default, and the hosts that are this
+# machine (a server there costs nothing and its port is no identity).
+OPENAI_URL = "https://api.openai.com/v1"
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 @dataclass(frozen=True)

@@ -34,15 +34,14 @@ import openai
 from ..config import ModelSpec
 from ..errors import ModelError
 from .adapters import adapter_name
-from .base import AnswerFormat, ChatRequest, Completion, OnAnswer
+from .base import LOOPBACK, OPENAI_URL, AnswerFormat, ChatRequest, Completion, OnAnswer
 from .client import PartialBatchError
 from .embedded import EMBEDDED, weights_identity
 from .serve import SERVED_DTYPE
 
 log = logging.getLogger(__name__)
 
-OPENAI_URL = "https://api.openai.com/v1"
-LOOPBACK, LOOPBACK_NAME = frozenset({"127.0.0.1", "localhost", "::1"}), "loopback"
+LOOPBACK_NAME = "loopback"
 NO_KEY = "EMPTY"  # what local servers (vLLM, llama.cpp) accept when they check no key
 RETRY_STATUS = frozenset({408, 409, 429})  # and every 5xx
 # A refused or dropped connection is retried this often, quickly: a server that is down

@@ -124,8 +124,8 @@ def build(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str = "python -m moloch.report") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--profile", help="the run's profile: a name or YAML path")
     parser.add_argument("--run-dir", help="the run folder (default data/runs/<profile>)")
     parser.add_argument("--chapter", help="re-execute and re-render only this chapter")

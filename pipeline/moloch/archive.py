@@ -1,0 +1,192 @@
+"""A finished run as one file anyone can replay, and back.
+
+    moloch archive --profile paper [--adapters] [--out FILE]    # FILE and FILE.sha256
+    moloch fetch-run URL-or-FILE [--sha256 HEX] [--run-dir DIR]  # then replay it:
+    MOLOCH_LLM_MODE=replay moloch run --run-dir DIR --force-all-but-train
+
+The archive (gzip tar) holds the run folder: its profile, every unit's outputs, manifest
+and executed notebook, the claims and cells, and a snapshot of the call cache, with
+``ARCHIVE.json`` listing each member's SHA-256. LoRA weights stay out unless
+``--adapters``: each train unit then gets ``.not-archived.json`` naming the files left
+out (with the hashes its manifest recorded) and the adapter's content hash, which is what
+the call cache is keyed on, so a replay finds every answer without the weights (and a
+live call that needs them stops with an error naming the missing folder).
+
+``fetch-run`` downloads with pooch (a URL needs its ``--sha256``) or takes a local file
+(its ``.sha256`` beside it), checks the file and then every member against ``ARCHIVE.json``
+before the run folder appears; a mismatch is refused by name and nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import shutil
+import sqlite3
+import tarfile
+import tempfile
+from pathlib import Path
+
+from .errors import MolochError
+from .files import read_json
+from .hashing import file_sha256
+from .llm.adapters import NOT_ARCHIVED, NOT_WEIGHTS, adapter_sha256
+from .manifests import MANIFEST, git_commit
+from .paths import cache_dir, runs_dir
+from .runs import PROFILE_COPY, Run
+
+INDEX = "ARCHIVE.json"
+CACHE_NAME = "llm-cache.sqlite"  # Run.cache_path's name
+
+
+class ArchiveError(MolochError):
+    """An archive that cannot be made, found or trusted."""
+
+
+def _skipped(rel: Path) -> bool:
+    """What an archive never holds: hidden files (locks, kernelspecs, progress), temporary
+    files, and the live call-cache files (a snapshot goes in instead)."""
+    return (
+        any(part.startswith(".") for part in rel.parts)
+        or rel.name.endswith(".tmp")
+        or rel.name.startswith(CACHE_NAME)
+    )
+
+
+def _weights(run: Run) -> dict[Path, list[Path]]:
+    """Each trained adapter folder of the run and its weight files (what --adapters adds)."""
+    found = {}
+    for folder in sorted((run.folder / "train").glob("*/*/*/adapter")):
+        files = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in NOT_WEIGHTS]
+        if files:
+            found[folder] = files
+    return found
+
+
+def pack(run: Run, out: Path | None = None, adapters: bool = False) -> Path:
+    """Write the archive of ``run`` to ``out`` (default ``<run folder>.tar.gz``) and its
+    SHA-256 to ``out.sha256``; returns ``out``."""
+    if not (run.folder / PROFILE_COPY).is_file():
+        raise ArchiveError(f"{run.folder} is not a run folder (no {PROFILE_COPY}): run it first")
+    out = Path(out) if out else run.folder.with_name(run.folder.name + ".tar.gz")
+    left_out = {} if adapters else _weights(run)
+    skip = {p for files in left_out.values() for p in files}
+    members: dict[str, bytes | Path] = {}
+    for path in sorted(run.folder.rglob("*")):
+        rel = path.relative_to(run.folder)
+        if path.is_file() and not _skipped(rel) and path not in skip:
+            members[rel.as_posix()] = path
+    for folder, files in left_out.items():
+        unit = folder.parent
+        recorded = read_json(unit / MANIFEST, "manifest").get("outputs", {})
+        names = [f.relative_to(unit).as_posix() for f in files]
+        marker = {
+            "files": {n: (recorded.get(n) or {}).get("sha256") for n in names},
+            "adapters": {folder.name: adapter_sha256(folder)},
+        }
+        rel = (unit / NOT_ARCHIVED).relative_to(run.folder).as_posix()
+        members[rel] = json.dumps(marker, indent=1).encode()
+    with tempfile.TemporaryDirectory() as scratch:
+        if run.cache_path.is_file():  # a consistent copy, WAL included
+            snapshot = Path(scratch) / CACHE_NAME
+            with sqlite3.connect(run.cache_path) as src, sqlite3.connect(snapshot) as dst:
+                src.backup(dst)
+            members[CACHE_NAME] = snapshot
+        index = {
+            "format": 1,
+            "profile": run.name,
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "code": git_commit(),
+            "adapters": adapters,
+            "files": {name: _sha256(data) for name, data in sorted(members.items())},
+        }
+        members[INDEX] = json.dumps(index, indent=1).encode()
+        partial = out.with_name(out.name + ".tmp")
+        with tarfile.open(partial, "w:gz") as tar:
+            for name, data in members.items():
+                _add(tar, name, data)
+        partial.replace(out)
+    digest = file_sha256(out)
+    out.with_name(out.name + ".sha256").write_text(f"{digest}  {out.name}\n")
+    return out
+
+
+def _sha256(data: bytes | Path) -> str:
+    if isinstance(data, Path):
+        return file_sha256(data)
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes | Path) -> None:
+    if isinstance(data, Path):
+        tar.add(data, arcname=name, recursive=False)
+        return
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def fetch(source: str, sha256: str | None = None) -> Path:
+    """The archive file of ``source`` (a URL, downloaded with pooch into the cache, or a
+    path), after checking its SHA-256 (``sha256``, else a local file's ``.sha256``)."""
+    if "://" in source:
+        if not sha256:
+            raise ArchiveError(f"{source}: give its --sha256 (from the .sha256 file beside it)")
+        import pooch
+
+        try:
+            got = pooch.retrieve(source, known_hash=f"sha256:{sha256}",
+                                 path=cache_dir() / "archives", progressbar=False)  # fmt: skip
+        except ValueError as err:  # pooch's hash mismatch
+            raise ArchiveError(f"{source}: {err}") from None
+        return Path(got)
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise ArchiveError(f"archive {path} does not exist: give a URL or a file")
+    sidecar = path.with_name(path.name + ".sha256")
+    if not sha256 and sidecar.is_file():
+        sha256 = sidecar.read_text().split()[0]
+    if not sha256:
+        raise ArchiveError(f"{path}: no {sidecar.name} beside it; give its --sha256")
+    actual = file_sha256(path)
+    if actual != sha256.lower():
+        raise ArchiveError(
+            f"archive {path} has SHA-256 {actual[:12]}, not {sha256[:12]}: it is corrupt or not "
+            f"the one published; download it again"
+        )
+    return path
+
+
+def unpack(archive: Path, target: Path | None = None) -> Path:
+    """Unpack a checked archive into ``target`` (default ``data/runs/<its profile>``), which
+    must not exist; every member is checked against the archive's index first."""
+    with tarfile.open(archive, "r:gz") as tar:
+        try:
+            index = json.loads(tar.extractfile(INDEX).read())
+        except (KeyError, AttributeError, ValueError):
+            raise ArchiveError(f"{archive} has no readable {INDEX}: not a run archive") from None
+        target = Path(target) if target else runs_dir() / index["profile"]
+        if target.exists() and any(target.iterdir()):
+            raise ArchiveError(
+                f"{target} already holds files: unpack the archive elsewhere (--run-dir)"
+            )
+        scratch = Path(tempfile.mkdtemp(prefix=".unpack-", dir=target.parent if
+                                        target.parent.exists() else None))  # fmt: skip
+        try:
+            tar.extractall(scratch, filter="data")  # no links out, no absolute paths
+            names = {m.name for m in tar.getmembers() if m.isfile()} - {INDEX}
+            if names != set(index["files"]):
+                raise ArchiveError(f"{archive}: its members are not those its {INDEX} lists")
+            for name, digest in index["files"].items():
+                if file_sha256(scratch / name) != digest:
+                    raise ArchiveError(f"{archive}: member {name} does not match its {INDEX}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                target.rmdir()
+            shutil.move(str(scratch), target)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return target
