@@ -27,8 +27,8 @@ def test_a_paid_run_needs_consent(monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO())  # no terminal: nobody to ask
     with pytest.raises(BudgetError, match="pass --yes, or --max-cost"):
         budget.consent(yes=False)
-    assert said == ["[cost] 1 unit(s) to run call paid models: about $1.50 (at most $4.00) by "
-                    "moloch.estimate"]  # fmt: skip
+    assert said == ["[cost] 1 unit(s) to run, 1 calling paid models: about $1.50 (at most "
+                    "$4.00) by moloch.estimate"]  # fmt: skip
     budget.consent(yes=True)
     Budget({KEY: (1.5, 4.0)}, cap=2.0, log=said.append).consent(yes=False)  # a cap consents
     monkeypatch.setattr("sys.stdin", Terminal())
@@ -63,6 +63,17 @@ def test_pending_costs_share_out_the_estimate_over_the_units_to_run(
     assert pending[("generate", "sales", players[0], "rft")][0] == 0  # players are local
     assert pending[("compete", "sales", players[0], None)][0] > 0
     assert paid([profile.audience]) and not paid([profile.players[0]])
+
+
+def test_status_says_what_the_rest_of_a_paid_run_costs(mirror_env, tmp_path, monkeypatch, capsys):
+    from moloch import cli
+
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    argv = ["status", "--profile", "paper", "--run-dir", str(tmp_path / "p"), "--task", "sales"]
+    assert cli.main(argv) == 0
+    # two players: episodes, compete and probe call the paid audience or judge
+    assert "[cost] 20 unit(s) to run, 6 calling paid models: about $" in capsys.readouterr().out
+    assert not (tmp_path / "p").exists()  # status writes nothing
 
 
 def test_the_runner_asks_before_the_first_unit_and_caps_unit_by_unit(tmp_path, mirror_env,

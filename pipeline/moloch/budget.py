@@ -64,14 +64,19 @@ class Budget:
     def __init__(self, pending: dict[tuple, tuple[float, float]], cap: float | None, log):
         self.pending, self.cap, self.log, self.spent = pending, cap, log, 0.0
 
-    def consent(self, yes: bool, ask=input) -> None:
+    def describe(self) -> str:
+        """What the units to run are estimated to cost, in one line."""
         expected = sum(e for e, _ in self.pending.values())
         most = sum(m for _, m in self.pending.values())
-        self.log(
-            f"[cost] {len(self.pending)} unit(s) to run call paid models: about "
+        calling = sum(1 for e, _ in self.pending.values() if e != 0)  # NaN: unknown, but paid
+        return (
+            f"[cost] {len(self.pending)} unit(s) to run, {calling} calling paid models: about "
             f"{_dollars(expected)} (at most {_dollars(most)}) by moloch.estimate"
             + (f"; cap {_dollars(self.cap)} (--max-cost)" if self.cap is not None else "")
         )
+
+    def consent(self, yes: bool, ask=input) -> None:
+        self.log(self.describe())
         if yes or self.cap is not None or not self.pending:
             return
         if not sys.stdin.isatty():

@@ -104,7 +104,8 @@ def _main(args) -> int:
             print(f"{stage.name:10s} {stage.notebook}{per}")
         return 0
     if args.command == "status":
-        from .runner import _choose
+        from .budget import Budget, paid, pending_costs
+        from .runner import _choose, _specs
         from .runs import find_run
         from .stages import STAGES
         from .status import render, run_status
@@ -114,6 +115,8 @@ def _main(args) -> int:
         models = _choose(args.model, [p.name for p in run.profile.players], "model")
         statuses = run_status(run, STAGES, tasks, models)
         print(render(statuses))
+        if paid(_specs(run, STAGES, models)):  # what the rest will cost
+            print(Budget(pending_costs(run, STAGES, tasks, models), None, print).describe())
         return 0
     if args.command == "archive":
         from .archive import pack
