@@ -89,3 +89,14 @@ def test_the_command_line_round_trip(finished, tmp_path, capsys):
     assert cli.main(["fetch-run", str(tmp_path / "a.tgz"), "--run-dir", str(tmp_path / "b")]) == 0
     printed = capsys.readouterr().out
     assert "--force all-but-train" in printed and (tmp_path / "b" / "profile.yaml").is_file()
+    assert cli.main(["cache", "stats", "--run-dir", str(tmp_path / "b")]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["answers"] > 0 and stats["corrupt"] == 0
+    merged = [
+        "cache",
+        "merge",
+        str(original / "llm-cache.sqlite"),
+        "--run-dir",
+        str(tmp_path / "b"),
+    ]
+    assert cli.main(merged) == 0 and '"added": 0' in capsys.readouterr().out  # all there already

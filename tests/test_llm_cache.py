@@ -148,3 +148,34 @@ def test_concurrent_processes_never_corrupt(tmp_path):
     for w in range(3):
         req = request(seed=w * 10_000 + 39)
         assert cache.get(call_key(backend, req)).text == f"{w}:39"
+
+
+def test_merge_copies_only_verified_answers_it_lacks_and_export_writes_them(tmp_path):
+    """Shards' caches merged into a run's: new answers added, existing ones kept (first
+    wins), a row whose checksum fails left out; stats and export see the same answers."""
+    from moloch.files import read_jsonl
+
+    backend = FakeBackend()
+    entries = [(call_key(backend, request(seed=i)), request(seed=i), Completion(f"a{i}", 2, 1))
+               for i in range(4)]  # fmt: skip
+    run, shard = CallCache(tmp_path / "run.sqlite"), CallCache(tmp_path / "shard.sqlite")
+    run.put_many(backend, entries[:2])
+    shard.put_many(backend, [(entries[0][0], entries[0][1], Completion("other", 2, 1))])
+    shard.put_many(backend, entries[2:])
+    with sqlite3.connect(shard.path) as conn:  # a flipped answer in the shard
+        conn.execute("UPDATE calls SET text = 'tampered' WHERE key = ?", (entries[3][0],))
+    assert shard.summary()["corrupt"] == 1
+    result = run.merge_from(shard.path)
+    assert result == {"read": 2, "added": 1, "already_here": 1, "corrupt_left_out": 1}
+    assert run.get(entries[0][0]).text == "a0" and run.get(entries[2][0]).text == "a2"
+    assert run.get(entries[3][0]) is None
+    assert run.summary()["answers"] == 3 and run.summary()["tokens"] == 9
+    assert run.export(tmp_path / "answers.jsonl") == 3
+    rows = read_jsonl(tmp_path / "answers.jsonl")
+    assert {r["text"] for r in rows} == {"a0", "a1", "a2"} and rows[0]["request"]["seed"] in (
+        0,
+        1,
+        2,
+    )
+    with pytest.raises(ModelError, match="does not exist"):
+        run.merge_from(tmp_path / "missing.sqlite")

@@ -8,6 +8,9 @@
     moloch archive --profile smoke [--adapters]      # the run as one file, with its SHA-256
     moloch fetch-run URL-or-FILE [--sha256 HEX]      # unpack an archive into data/runs/<profile>
     MOLOCH_LLM_MODE=replay moloch run --run-dir DIR --force all-but-train   # rebuild from it
+    moloch cache stats --profile smoke               # a run's call cache: answers by model
+    moloch cache merge SHARD.sqlite --run-dir DIR    # another cache's answers into the run's
+    moloch cache export answers.jsonl --profile smoke
     moloch stages                                    # the stages, in order
 
 (``python -m moloch.cli ...`` is the same without the console script.)
@@ -77,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("source", help="URL or path of the archive")
     fetch.add_argument("--sha256", help="its SHA-256 (a local file's .sha256 is read)")
     fetch.add_argument("--run-dir", help="where to unpack (default data/runs/<its profile>)")
+    cache = commands.add_parser("cache", help="a run's call cache: stats, merge, export")
+    cache.add_argument("action", choices=("stats", "merge", "export"))
+    cache.add_argument("paths", nargs="*", help="merge: caches to merge in; export: output file")
+    cache.add_argument("--profile", help="profile name or YAML path")
+    cache.add_argument("--run-dir", help="run folder (default data/runs/<profile>)")
     commands.add_parser("stages", help="list the stages in order")
     for name, (_, _, what) in DELEGATED.items():
         commands.add_parser(name, help=f"{what} (moloch {name} --help)", add_help=False)
@@ -118,6 +126,8 @@ def _main(args) -> int:
         if paid(_specs(run, STAGES, models)):  # what the rest will cost
             print(Budget(pending_costs(run, STAGES, tasks, models), None, print).describe())
         return 0
+    if args.command == "cache":
+        return _cache(args)
     if args.command == "archive":
         from .archive import pack
         from .runs import find_run
@@ -153,6 +163,27 @@ def _main(args) -> int:
     )
     ran = sum(r.status == "ran" for r in reports)
     print(f"moloch: {ran} unit(s) run, {len(reports) - ran} up to date")
+    return 0
+
+
+def _cache(args) -> int:
+    import json
+
+    from .llm import CallCache
+    from .runs import find_run
+
+    cache = CallCache(find_run(args.profile, args.run_dir).cache_path)
+    if args.action == "stats":
+        print(json.dumps(cache.summary(), indent=1))
+    elif args.action == "merge":
+        if not args.paths:
+            raise MolochError("moloch cache merge: give the cache file(s) to merge in")
+        for path in args.paths:
+            print(f"moloch: {path} -> {cache.path}: {json.dumps(cache.merge_from(path))}")
+    else:
+        if len(args.paths) != 1:
+            raise MolochError("moloch cache export: give one output file (JSON lines)")
+        print(f"moloch: {cache.export(args.paths[0])} answers -> {args.paths[0]}")
     return 0
 
 

@@ -269,3 +269,77 @@ class CallCache:
 
     def __len__(self) -> int:
         return self._connection().execute("SELECT COUNT(*) FROM calls").fetchone()[0]
+
+    # --- whole-file operations (moloch cache ...) ------------------------------------
+
+    _COLUMNS = ("key, backend, model, request, text, prompt_tokens, completion_tokens, "
+                "finish_reason, meta, created, checksum")  # fmt: skip
+
+    def _verified_rows(self):
+        """Every row whose checksum holds (rows of a cache made before checksums pass)."""
+        for row in self._connection().execute(f"SELECT {self._COLUMNS} FROM calls ORDER BY key"):
+            key, _, _, _, text, p_tok, c_tok, finish, meta, _, checksum = row
+            good = checksum is None or checksum == answer_checksum(
+                key, text, p_tok, c_tok, finish, meta
+            )
+            yield row, good
+
+    def summary(self) -> dict:
+        """Answers by backend and model, tokens, and rows that fail their checksum."""
+        by_model: dict[str, int] = {}
+        tokens = corrupt = 0
+        for row, good in self._verified_rows():
+            if not good:
+                corrupt += 1
+                continue
+            name = f"{row[1]}:{row[2]}"
+            by_model[name] = by_model.get(name, 0) + 1
+            tokens += int(row[5]) + int(row[6])
+        return {"path": str(self.path), "answers": sum(by_model.values()), "tokens": tokens,
+                "corrupt": corrupt, "by_model": dict(sorted(by_model.items()))}  # fmt: skip
+
+    def merge_from(self, other: str | Path) -> dict:
+        """Copy into this cache every verified answer of ``other`` it lacks (the first answer
+        stored under a key wins, as always); rows failing their checksum are left out."""
+        source = CallCache(other)
+        if not source.path.is_file():
+            raise ModelError(f"call cache {source.path} does not exist: give an existing file")
+        rows, corrupt = [], 0
+        for row, good in source._verified_rows():
+            if good:
+                rows.append(row)
+            else:
+                corrupt += 1
+        conn = self._connection()
+        before = len(self)
+
+        def commit() -> None:
+            with conn:
+                conn.executemany(
+                    f"INSERT OR IGNORE INTO calls ({self._COLUMNS}) VALUES "
+                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+
+        self._retrying("merge", commit)
+        source.close()
+        added = len(self) - before
+        return {"read": len(rows), "added": added, "already_here": len(rows) - added,
+                "corrupt_left_out": corrupt}  # fmt: skip
+
+    def export(self, out: str | Path) -> int:
+        """Every verified answer as JSON lines (key, backend, model, request, answer, tokens)
+        into ``out``; returns how many."""
+        from ..files import write_jsonl
+
+        records = []
+        for row, good in self._verified_rows():
+            if good:
+                key, backend, model, request, text, p_tok, c_tok, finish, meta, created, _ = row
+                records.append({
+                    "key": key, "backend": backend, "model": model, "request": json.loads(request),
+                    "text": text, "prompt_tokens": p_tok, "completion_tokens": c_tok,
+                    "finish_reason": finish, "meta": json.loads(meta), "created": created,
+                })  # fmt: skip
+        write_jsonl(Path(out), records)
+        return len(records)
