@@ -122,24 +122,51 @@ class CallCache:
         conn = getattr(self._local, "conn", None)
         if conn is not None and self._local.pid == os.getpid():
             return conn
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Two connections setting up one new file at once: switching it to WAL takes a lock
+        # SQLite does not wait for (measured: "database is locked" at once), so wait here.
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                conn = self._open()
+                break
+            except sqlite3.OperationalError as err:
+                if "locked" not in str(err) and "busy" not in str(err):
+                    raise self._unreadable(err) from err
+                if time.monotonic() > deadline:
+                    raise ModelError(
+                        f"call cache {self.path} stayed locked by another process for "
+                        f"{BUSY_TIMEOUT_MS // 1000} s while opening it: stop the other run and "
+                        f"run again"
+                    ) from err
+                time.sleep(0.05)
+            except sqlite3.DatabaseError as err:
+                raise self._unreadable(err) from err
+        self._local.conn, self._local.pid = conn, os.getpid()
+        return conn
+
+    def _open(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000)
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            conn.execute("PRAGMA journal_mode = WAL")
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute(_SCHEMA)
             columns = {row[1] for row in conn.execute("PRAGMA table_info(calls)")}
             if "checksum" not in columns:  # a cache made before checksums: add the column
                 conn.execute("ALTER TABLE calls ADD COLUMN checksum TEXT")
             conn.commit()
-        except sqlite3.DatabaseError as err:
-            raise ModelError(
-                f"call cache {self.path} cannot be opened ({err}); if it is corrupt, move it "
-                f"away and rerun (calls not in it are recomputed), or set MOLOCH_CACHE"
-            ) from err
-        self._local.conn, self._local.pid = conn, os.getpid()
+        except BaseException:
+            conn.close()
+            raise
         return conn
+
+    def _unreadable(self, err: Exception) -> ModelError:
+        return ModelError(
+            f"call cache {self.path} cannot be opened ({err}); if it is corrupt, move it "
+            f"away and rerun (calls not in it are recomputed), or set MOLOCH_CACHE"
+        )
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
