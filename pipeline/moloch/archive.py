@@ -2,7 +2,7 @@
 
     moloch archive --profile paper [--adapters] [--out FILE]    # FILE and FILE.sha256
     moloch fetch-run URL-or-FILE [--sha256 HEX] [--run-dir DIR]  # then replay it:
-    MOLOCH_LLM_MODE=replay moloch run --run-dir DIR --force-all-but-train
+    MOLOCH_LLM_MODE=replay moloch run --run-dir DIR --force all-but-train
 
 The archive (gzip tar) holds the run folder: its profile, every unit's outputs, manifest
 and executed notebook, the claims and cells, and a snapshot of the call cache, with
@@ -20,7 +20,6 @@ before the run folder appears; a mismatch is refused by name and nothing is left
 from __future__ import annotations
 
 import datetime as dt
-import io
 import json
 import shutil
 import sqlite3
@@ -72,61 +71,48 @@ def pack(run: Run, out: Path | None = None, adapters: bool = False) -> Path:
     out = Path(out) if out else run.folder.with_name(run.folder.name + ".tar.gz")
     left_out = {} if adapters else _weights(run)
     skip = {p for files in left_out.values() for p in files}
-    members: dict[str, bytes | Path] = {}
+    members: dict[str, Path] = {}  # name in the archive: the file it is made from
     for path in sorted(run.folder.rglob("*")):
         rel = path.relative_to(run.folder)
         if path.is_file() and not _skipped(rel) and path not in skip:
             members[rel.as_posix()] = path
-    for folder, files in left_out.items():
-        unit = folder.parent
-        recorded = read_json(unit / MANIFEST, "manifest").get("outputs", {})
-        names = [f.relative_to(unit).as_posix() for f in files]
-        marker = {
-            "files": {n: (recorded.get(n) or {}).get("sha256") for n in names},
-            "adapters": {folder.name: adapter_sha256(folder)},
-        }
-        rel = (unit / NOT_ARCHIVED).relative_to(run.folder).as_posix()
-        members[rel] = json.dumps(marker, indent=1).encode()
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as folder:
+        scratch = Path(folder)  # what the archive holds that is not in the run folder as is
+
+        def made(name: str, content: dict) -> None:
+            (scratch / name).parent.mkdir(parents=True, exist_ok=True)
+            (scratch / name).write_text(json.dumps(content, indent=1))
+            members[name] = scratch / name
+
+        for adapter, files in left_out.items():
+            unit = adapter.parent
+            recorded = read_json(unit / MANIFEST, "manifest").get("outputs", {})
+            names = [f.relative_to(unit).as_posix() for f in files]
+            made((unit / NOT_ARCHIVED).relative_to(run.folder).as_posix(), {
+                "files": {n: (recorded.get(n) or {}).get("sha256") for n in names},
+                "adapters": {adapter.name: adapter_sha256(adapter)},
+            })  # fmt: skip
         if run.cache_path.is_file():  # a consistent copy, WAL included
-            snapshot = Path(scratch) / CACHE_NAME
+            snapshot = scratch / CACHE_NAME
             with sqlite3.connect(run.cache_path) as src, sqlite3.connect(snapshot) as dst:
                 src.backup(dst)
             members[CACHE_NAME] = snapshot
-        index = {
+        made(INDEX, {
             "format": 1,
             "profile": run.name,
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "code": git_commit(),
             "adapters": adapters,
-            "files": {name: _sha256(data) for name, data in sorted(members.items())},
-        }
-        members[INDEX] = json.dumps(index, indent=1).encode()
+            "files": {name: file_sha256(path) for name, path in sorted(members.items())},
+        })  # fmt: skip
         partial = out.with_name(out.name + ".tmp")
         with tarfile.open(partial, "w:gz") as tar:
-            for name, data in members.items():
-                _add(tar, name, data)
+            for name, path in members.items():
+                tar.add(path, arcname=name, recursive=False)
         partial.replace(out)
     digest = file_sha256(out)
     out.with_name(out.name + ".sha256").write_text(f"{digest}  {out.name}\n")
     return out
-
-
-def _sha256(data: bytes | Path) -> str:
-    if isinstance(data, Path):
-        return file_sha256(data)
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes | Path) -> None:
-    if isinstance(data, Path):
-        tar.add(data, arcname=name, recursive=False)
-        return
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644
-    tar.addfile(info, io.BytesIO(data))
 
 
 def fetch(source: str, sha256: str | None = None) -> Path:
