@@ -36,15 +36,26 @@ DELEGATED = {
 }
 
 
+def _which_run(parser: argparse.ArgumentParser, shards: bool = False) -> None:
+    """The options that find a run (``moloch.runs``), and with ``shards`` its tasks and players."""
+    parser.add_argument(
+        "--profile", help="profile name or YAML path (default: the run folder's, else smoke)"
+    )
+    parser.add_argument(
+        "--run-dir", help="run folder (default data/runs/<profile>, or $MOLOCH_RUNS)"
+    )
+    if shards:
+        parser.add_argument("--task", action="append", help="only this task (repeatable)")
+        parser.add_argument("--model", action="append", help="only this player (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .stages import STAGE_NAMES
 
     parser = argparse.ArgumentParser(prog="moloch", description="Moloch's Bargain, reproduced.")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run (or skip, when up to date) the pipeline's stages")
-    run.add_argument(
-        "--profile", help="profile name or YAML path (default: the run folder's, else smoke)"
-    )
+    _which_run(run, shards=True)
     run.add_argument("--only", action="append", choices=STAGE_NAMES, help="run only this stage")
     run.add_argument("--until", choices=STAGE_NAMES, help="stop after this stage")
     run.add_argument(
@@ -52,9 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="rerun this stage (all: every stage; all-but-train: every stage made from model "
         "calls and data, e.g. to replay an archive without its adapter weights)",
     )  # fmt: skip
-    run.add_argument("--task", action="append", help="only this task (repeatable)")
-    run.add_argument("--model", action="append", help="only this player (repeatable)")
-    run.add_argument("--run-dir", help="run folder (default data/runs/<profile>, or $MOLOCH_RUNS)")
     run.add_argument("--yes", action="store_true", help="paid models: go on without asking")
     run.add_argument(
         "--max-cost", type=float, metavar="DOLLARS",
@@ -68,12 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser(
         "status", help="each unit of a run: up to date, stale (and why) or missing; runs nothing"
     )
-    for name in ("--profile", "--run-dir", "--task", "--model"):
-        action = next(a for a in run._actions if a.option_strings == [name])
-        status.add_argument(name, action=type(action), help=action.help)  # as for run
+    _which_run(status, shards=True)
     archive = commands.add_parser("archive", help="pack a finished run into one file")
-    archive.add_argument("--profile", help="profile name or YAML path")
-    archive.add_argument("--run-dir", help="run folder (default data/runs/<profile>)")
+    _which_run(archive)
     archive.add_argument("--adapters", action="store_true", help="include the LoRA weights")
     archive.add_argument("--out", help="archive file (default <run folder>.tar.gz)")
     fetch = commands.add_parser("fetch-run", help="download (or take) a run archive, unpack it")
@@ -83,8 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache = commands.add_parser("cache", help="a run's call cache: stats, merge, export")
     cache.add_argument("action", choices=("stats", "merge", "export"))
     cache.add_argument("paths", nargs="*", help="merge: caches to merge in; export: output file")
-    cache.add_argument("--profile", help="profile name or YAML path")
-    cache.add_argument("--run-dir", help="run folder (default data/runs/<profile>)")
+    _which_run(cache)
     commands.add_parser("stages", help="list the stages in order")
     for name, (_, _, what) in DELEGATED.items():
         commands.add_parser(name, help=f"{what} (moloch {name} --help)", add_help=False)
