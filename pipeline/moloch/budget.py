@@ -18,12 +18,6 @@ from .errors import MolochError
 from .prices import cost
 from .status import UP_TO_DATE, run_status
 
-# The estimate's rows by the pipeline stage whose units make those calls.
-ESTIMATE_STAGES = {
-    "train generation": "episodes", "episode votes": "episodes", "test generation": "generate",
-    "competition votes": "compete", "probes": "probe",
-}  # fmt: skip
-
 
 class BudgetError(MolochError):
     """A run that would spend without consent, or past its cap."""
@@ -37,10 +31,10 @@ def paid(specs) -> bool:
 def pending_costs(run, stages, tasks, models) -> dict[tuple, tuple[float, float]]:
     """Estimated (expected, at most) dollars of each unit of ``stages`` that is not up to
     date, by (stage, task, model, method); a stage's row is shared among its methods."""
-    from .estimate import estimate
+    from .estimate import UNIT_STAGES, estimate
 
     table = estimate(run.profile)
-    table["unit_stage"] = table["stage"].map(ESTIMATE_STAGES)
+    table["unit_stage"] = table["stage"].map(UNIT_STAGES)
     dollars: dict[tuple, list[float]] = defaultdict(lambda: [0.0, 0.0])
     for row in table.itertuples():
         share = dollars[(row.unit_stage, row.task, row.player)]
@@ -49,7 +43,7 @@ def pending_costs(run, stages, tasks, models) -> dict[tuple, tuple[float, float]
     chosen = {s.name: s for s in stages}
     pending = {}
     for status in run_status(run, stages, tasks, models):
-        if status.state == UP_TO_DATE or status.stage not in chosen:
+        if status.state == UP_TO_DATE:
             continue
         expected, most = dollars.get((status.stage, status.task, status.model), (0.0, 0.0))
         methods = len(chosen[status.stage].methods or (None,))
