@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
 import platform
 import subprocess
 import time
@@ -136,21 +137,19 @@ def call_totals(manifest: dict) -> dict:
     }
 
 
-def summary_line(manifest: dict) -> str:
-    """A finished unit's calls in one line (what the runner prints after ``[done]``)."""
-    t = call_totals(manifest)
-    dollars = "$?" if t["dollars"] != t["dollars"] else f"${t['dollars']:.2f}"
+def summary_line(t: dict) -> str:
+    """A finished unit's calls (its ``call_totals``) in one line, as the runner prints them
+    after ``[done]``."""
+    dollars = "$?" if math.isnan(t["dollars"]) else f"${t['dollars']:.2f}"
     return (
         f"{t['requests']:,} calls ({t['cache_hits']:,} cached), {t['new_tokens']:,} new "
         f"tokens, {dollars}"
     )
 
 
-def build_manifest(
-    unit, fingerprint: dict, summary: dict, wall_s: float, llm: dict | None = None
-) -> dict:
+def build_manifest(unit, fingerprint: dict, summary: dict, wall_s: float, llm: dict) -> dict:
     """The manifest of a unit that just did its work (``summary``: what ``work`` returned;
-    ``llm``: its models' call counts, by default ``unit.llm_stats()``)."""
+    ``llm``: its models' call counts and dollars, ``moloch.budget.spending``)."""
     return {
         "stage": unit.stage.name,
         "task": unit.task,
@@ -167,7 +166,7 @@ def build_manifest(
         "counts": summary.get("counts", {}),
         "invalid": summary.get("invalid", {}),
         "details": {k: v for k, v in summary.items() if k not in ("counts", "invalid")},
-        "llm": llm if llm is not None else unit.llm_stats(),
+        "llm": llm,
         "wall_s": round(wall_s, 3),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "outputs": output_files(unit.out_dir),

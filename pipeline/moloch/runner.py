@@ -322,6 +322,8 @@ def _run_unit(unit: Unit, force: bool, notebooks: bool, log) -> UnitReport:
     log(f"[run ] {unit.where}")
     manifest = _run_notebook(unit, fprint) if notebooks else _work(unit, fprint)
     wall = time.monotonic() - started
-    log(f"[done] {unit.where} in {wall:.1f}s: {summary_line(manifest)}")
-    dollars = call_totals(manifest)["dollars"]
-    return UnitReport(unit.stage.name, unit.task, unit.model, unit.method, "ran", wall, dollars)
+    totals = call_totals(manifest)
+    log(f"[done] {unit.where} in {wall:.1f}s: {summary_line(totals)}")
+    return UnitReport(
+        unit.stage.name, unit.task, unit.model, unit.method, "ran", wall, totals["dollars"]
+    )

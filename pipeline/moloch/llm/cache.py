@@ -64,6 +64,11 @@ def answer_checksum(key: str, text: str, prompt_tokens, completion_tokens, finis
     )
 
 
+def _busy(err: sqlite3.OperationalError) -> bool:
+    """Whether SQLite failed because another connection holds the file (worth waiting)."""
+    return "locked" in str(err) or "busy" in str(err)
+
+
 def default_cache_path() -> Path:
     return cache_dir() / CACHE_FILE_NAME
 
@@ -131,7 +136,7 @@ class CallCache:
                 conn = self._open()
                 break
             except sqlite3.OperationalError as err:
-                if "locked" not in str(err) and "busy" not in str(err):
+                if not _busy(err):
                     raise self._unreadable(err) from err
                 if time.monotonic() > deadline:
                     raise ModelError(
@@ -182,7 +187,7 @@ class CallCache:
             try:
                 return work()
             except sqlite3.OperationalError as err:
-                if "locked" not in str(err) and "busy" not in str(err):
+                if not _busy(err):
                     raise ModelError(f"call cache {self.path}: {what} failed ({err})") from err
                 log.warning("call cache %s busy (%s); retry %d", self.path, what, attempt + 1)
         raise ModelError(
