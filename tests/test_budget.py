@@ -72,7 +72,7 @@ def test_status_says_what_the_rest_of_a_paid_run_costs(mirror_env, tmp_path, mon
     argv = ["status", "--profile", "paper", "--run-dir", str(tmp_path / "p"), "--task", "sales"]
     assert cli.main(argv) == 0
     # two players: episodes, compete and probe call the paid audience or judge
-    assert "[cost] 20 unit(s) to run, 6 calling paid models: about $" in capsys.readouterr().out
+    assert "[cost] 22 unit(s) to run, 6 calling paid models: about $" in capsys.readouterr().out
     assert not (tmp_path / "p").exists()  # status writes nothing
 
 

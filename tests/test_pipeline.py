@@ -54,7 +54,7 @@ def profile(tmp_path, mirror_env) -> Path:
 def test_fake_pipeline_writes_the_contract_tables(profile, tmp_path):
     runs = tmp_path / "runs"
     reports = run(profile, runs)
-    units = 2 * (1 + 1 + 1 + 2 + 3 + 1 + 1)  # two tasks; train x2 and generate x3 methods
+    units = 2 * (1 + 1 + 1 + 1 + 2 + 3 + 1 + 1)  # two tasks; train x2 and generate x3 methods
     assert [r.status for r in reports] == ["ran"] * units
 
     for task in ("sales", "elections"):
@@ -224,14 +224,21 @@ def test_embedded_model_runs_every_stage_through_notebooks(
 
     said: list[str] = []
     reports = run_pipeline(path, log=said.append)
-    assert {r.status for r in reports} == {"ran"} and len(reports) == 10
+    assert {r.status for r in reports} == {"ran"} and len(reports) == 11
     compete = next(line for line in said if line.startswith("[done] compete"))
     assert re.search(r"[\d,]+ calls \([\d,]+ cached\), [\d,]+ new tokens, \$0\.00", compete)
     shown = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[....]")]
     assert any(re.search(r"\d+/\d+ ", line) for line in shown), shown[:5]
     runs = tmp_path / "runs" / "tiny"
     model = "SmolLM2-135M-Instruct"
-    for stage in ("01_prepare", "02_episodes", "03_trainsets", "06_compete", "07_probe"):
+    for stage in (
+        "01_prepare",
+        "02_candidates",
+        "03_episodes",
+        "04_trainsets",
+        "07_compete",
+        "08_probe",
+    ):
         assert (runs / stage[3:] / "sales" / model / f"{stage}.ipynb").is_file()
     assert len(read_jsonl(runs / "compete/sales" / model / "votes.jsonl")) == 3 * 2 * 2
     assert len(read_jsonl(runs / "probe/sales" / model / "labels.jsonl")) == 3 * 2
@@ -373,7 +380,7 @@ def test_status_says_what_a_run_would_do_and_why(tmp_path, mirror_env, capsys):
     assert now[("compete", None)] == (STALE, "after generate/rft")
     assert now[("generate", "tfb")][0] == UP_TO_DATE
     table = render(run_status(find_run(profile, runs), STAGES, ["sales"], [PLAYER]))
-    assert table.splitlines()[-1] == "moloch: 7 up to date, 2 stale, 1 missing"
+    assert table.splitlines()[-1] == "moloch: 8 up to date, 2 stale, 1 missing"
 
     run(profile, runs)
     labels = runs / "probe" / "sales" / PLAYER / "labels.jsonl"

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from moloch import fingerprints
+from moloch.cli import DELEGATED
 from moloch.errors import StageError
 from moloch.files import read_jsonl, write_jsonl
 from moloch.kernels import ensure_kernel
@@ -174,7 +175,10 @@ def test_real_stage_closures_name_what_each_stage_runs():
 
     assert {"trainsets.py", "prompts.py", "seeds.py"} <= names("trainsets")
     assert {"training.py", "adapters.py", "embedded.py"} <= names("train")
-    assert {"players.py", "parse.py", "audience.py"} <= names("episodes")
+    assert {"players.py", "parse.py"} <= names("candidates")
+    assert {"parse.py", "audience.py"} <= names("episodes") and "players.py" not in names(
+        "episodes"
+    )
     assert {"probes.py", "parse.py"} <= names("probe")
     # the model runtime behind the call cache is not a stage's code (see fingerprints)
     assert not {"hf.py", "cache.py", "openai_backend.py"} & names("compete")
@@ -286,7 +290,7 @@ def test_kernelspec_runs_this_interpreter(tmp_path, monkeypatch):
     assert KernelSpecManager().get_kernel_spec(name).argv[0] == sys.executable
 
 
-@pytest.mark.parametrize("command", ["estimate", "data", "cells", "claims", "report", "chapter"])
+@pytest.mark.parametrize("command", sorted(DELEGATED))
 def test_every_command_is_a_moloch_subcommand_with_its_own_help(command, capsys):
     from moloch import cli
 

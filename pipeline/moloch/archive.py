@@ -33,7 +33,7 @@ from .hashing import file_sha256
 from .llm.adapters import NOT_ARCHIVED, NOT_WEIGHTS, adapter_sha256
 from .manifests import MANIFEST, git_commit
 from .paths import cache_dir, runs_dir
-from .runs import PROFILE_COPY, Run
+from .runs import JOBS_DIR, PROFILE_COPY, SHARDS_DIR, Run
 
 INDEX = "ARCHIVE.json"
 CACHE_NAME = "llm-cache.sqlite"  # Run.cache_path's name
@@ -45,9 +45,11 @@ class ArchiveError(MolochError):
 
 def _skipped(rel: Path) -> bool:
     """What an archive never holds: hidden files (locks, kernelspecs, progress), temporary
-    files, and the live call-cache files (a snapshot goes in instead)."""
+    files, the live call-cache files (a snapshot goes in instead) and ``moloch submit``'s
+    job pickles and logs (of one cluster, not of the run)."""
     return (
         any(part.startswith(".") for part in rel.parts)
+        or rel.parts[0] == JOBS_DIR
         or rel.name.endswith(".tmp")
         or rel.name.startswith(CACHE_NAME)
     )
@@ -68,6 +70,13 @@ def pack(run: Run, out: Path | None = None, adapters: bool = False) -> Path:
     SHA-256 to ``out.sha256``; returns ``out``."""
     if not (run.folder / PROFILE_COPY).is_file():
         raise ArchiveError(f"{run.folder} is not a run folder (no {PROFILE_COPY}): run it first")
+    unmerged = sorted((run.folder / SHARDS_DIR).glob("*/*.sqlite"))
+    if unmerged:
+        raise ArchiveError(
+            f"{run.folder} has shard call caches not merged into its own ({unmerged[0]}, ...): "
+            f"wait for moloch submit's last job, or merge them: moloch cache merge "
+            f"{run.folder / SHARDS_DIR}/*/llm-cache.sqlite --run-dir {run.folder}"
+        )
     out = Path(out) if out else run.folder.with_name(run.folder.name + ".tar.gz")
     left_out = {} if adapters else _weights(run)
     skip = {p for files in left_out.values() for p in files}

@@ -5,6 +5,7 @@
     moloch run --only probe --task sales --force probe
     moloch run --force all                           # every stage again (e.g. in replay)
     moloch status --profile smoke                    # each unit: up to date, stale (why), missing
+    moloch submit --profile paper --partition gpu    # the shards as SLURM job arrays (submitit)
     moloch archive --profile smoke [--adapters]      # the run as one file, with its SHA-256
     moloch fetch-run URL-or-FILE [--sha256 HEX]      # unpack an archive into data/runs/<profile>
     MOLOCH_LLM_MODE=replay moloch run --run-dir DIR --force all-but-train   # rebuild from it
@@ -28,6 +29,7 @@ from .errors import MolochError, guarded
 # moloch COMMAND ARGS: the command line of the module that does the work (its own --help).
 DELEGATED = {
     "estimate": ("moloch.estimate", (), "model calls, tokens and dollars of a profile"),
+    "submit": ("moloch.submit", (), "run the shards as job arrays (SLURM, or here) via submitit"),
     "data": ("moloch.data", (), "fetch every input and verify its SHA-256"),
     "cells": ("moloch.cells", (), "a run's table of numbers with their intervals"),
     "claims": ("moloch.claims", (), "the claims registry, or every claim's verdict for a run"),

@@ -37,7 +37,7 @@ def episode_duels(candidates: Sequence[Mapping], anchor_ids: Sequence[str]) -> l
         if 0 not in samples or 1 not in samples:
             raise StageError(
                 f"training episode {anchor_id}: candidates 0 and 1 are needed, found "
-                f"{sorted(samples)}; rerun the episodes stage with --force"
+                f"{sorted(samples)}; rerun the candidates stage with --force"
             )
         duels.append(
             Duel(

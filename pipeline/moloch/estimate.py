@@ -92,7 +92,7 @@ def _row(stage, task, player, role, spec, calls, tokens_in, reply_tokens, *, unl
 
 # Each row of task_rows by the pipeline stage whose units make those calls (moloch.budget).
 UNIT_STAGES = {
-    "train generation": "episodes", "episode votes": "episodes", "test generation": "generate",
+    "train generation": "candidates", "episode votes": "episodes", "test generation": "generate",
     "competition votes": "compete", "probes": "probe",
 }  # fmt: skip
 

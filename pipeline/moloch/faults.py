@@ -335,7 +335,7 @@ def corruption_cases(reference: Path, cache: Path) -> list[tuple[str, list[str],
     unit = "{}/sales/SmolLM2-135M-Instruct"
     cases = []
     for stage, name in [("prepare", "train.jsonl"), ("prepare", "test.jsonl"),
-                        ("prepare", "voters.jsonl"), ("episodes", "candidates.jsonl"),
+                        ("prepare", "voters.jsonl"), ("candidates", "candidates.jsonl"),
                         ("episodes", "votes.jsonl"), ("trainsets", "rft.jsonl"),
                         ("trainsets", "tfb.jsonl"), ("generate/base", "generations.jsonl"),
                         ("generate/rft", "generations.jsonl"), ("compete", "votes.jsonl"),
@@ -363,8 +363,8 @@ def corruption_cases(reference: Path, cache: Path) -> list[tuple[str, list[str],
 
         return damage
 
-    everything = ["--force", "episodes", "--force", "generate", "--force", "compete",
-                  "--force", "probe"]  # fmt: skip
+    everything = [part for stage in ("candidates", "episodes", "generate", "compete", "probe")
+                  for part in ("--force", stage)]  # fmt: skip
     for column in ("text", "completion_tokens", "meta"):
         cases.append((f"cached answer: {column} changed", everything, flip_cache(column)))
     for method in ("rft", "tfb"):

@@ -29,6 +29,8 @@ NOTEBOOKS_DIR = PIPELINE_DIR
 ENV_CACHE = "MOLOCH_CACHE"
 ENV_MIRROR = "MOLOCH_DATA_MIRROR"
 ENV_RUNS = "MOLOCH_RUNS"
+# Set by `moloch submit` in each shard job: the cache file it writes (moloch.submit).
+ENV_SHARD_CACHE = "MOLOCH_SHARD_CACHE"
 
 
 def cache_dir() -> Path:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ from .manifests import (
     read_manifest,
     summary_line,
 )
-from .paths import NOTEBOOKS_DIR
+from .paths import ENV_SHARD_CACHE, NOTEBOOKS_DIR
 from .progress import Watcher
 from .runs import Run, find_run
 from .stages import STAGES, get_stage
@@ -88,10 +89,13 @@ class Result:
 
 
 def run_models(unit: Unit, role: str):
-    """The real model of ``role`` for a unit: its profile's backend behind the run's call cache."""
-    from .llm import get_llm
+    """The real model of ``role`` for a unit: its profile's backend behind the run's call cache
+    (in a shard job of ``moloch submit``: the shard's own file over the run's, read-only)."""
+    from .llm import CallCache, get_llm
 
-    return get_llm(unit.spec(role), cache=unit.run.cache_path, role=role)
+    shard = os.environ.get(ENV_SHARD_CACHE)
+    cache = CallCache(shard, lower=unit.run.cache_path) if shard else unit.run.cache_path
+    return get_llm(unit.spec(role), cache=cache, role=role)
 
 
 def decide(unit: Unit, force: bool = False, log=print) -> tuple[dict, bool]:
@@ -173,7 +177,8 @@ def _run_notebook(unit: Unit, fprint: dict) -> dict:
         "run_dir": str(unit.run.folder),
         "decision": {"fingerprint": fprint, "profile_digest": unit.profile.digest()},
     }
-    shown = unit.run.folder / ".progress" / f"{os.getpid()}.json"  # the kernel's bars
+    # the kernel's bars; shard jobs on several hosts share the run folder
+    shown = unit.run.folder / ".progress" / f"{socket.gethostname()}-{os.getpid()}.json"
     shown.parent.mkdir(exist_ok=True)
     try:
         with Watcher(shown, unit.where):

@@ -25,6 +25,8 @@ from .manifests import changed_outputs, read_manifest
 from .paths import runs_dir
 
 PROFILE_COPY = "profile.yaml"  # the profile a run folder was made with
+SHARDS_DIR = "shards"  # moloch submit: each shard job's call cache, until merged
+JOBS_DIR = "submitit"  # moloch submit: the jobs' pickles and logs
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,10 @@ retried a few times (the batch waits in memory) before a clear error.
 Every answer is stored with a checksum over its key and content, checked on
 every read: a row changed on disk (a flipped byte passes SQLite's own checks)
 is never served; it is dropped with a warning and its call is made again.
+
+A cache can have a ``lower`` file it reads but never writes (one shard job of
+``moloch submit`` writes its own file and reads the run's, which no job writes
+while the shards run); answers found there are hits like any other.
 """
 
 from __future__ import annotations
@@ -110,16 +114,48 @@ class CallCache:
     """Completions by call key, in one SQLite file.
 
     One connection per process (and thread): a connection opened before a
-    fork is never reused by the child.
+    fork is never reused by the child. ``lower``: a cache file read for the
+    keys this one lacks, never written (absent: none).
     """
 
-    def __init__(self, path: str | Path | None = None):
+    def __init__(self, path: str | Path | None = None, lower: str | Path | None = None):
         self.path = Path(path) if path is not None else default_cache_path()
+        self.lower = Path(lower) if lower is not None else None
         self.stats = CacheStats()
         self._local = threading.local()
 
     def __repr__(self) -> str:
         return f"CallCache({str(self.path)!r})"
+
+    def _lower_rows(self, keys: list[str]) -> list[tuple]:
+        """Rows of ``keys`` in the lower file, read-only: ``immutable`` takes no lock and
+        needs no shared memory, so it reads a file on a network filesystem (its writer
+        checkpoints it before the readers start: ``moloch.submit``)."""
+        if self.lower is None or not keys or not self.lower.is_file():
+            return []
+        try:
+            conn = sqlite3.connect(f"file:{self.lower}?mode=ro&immutable=1", uri=True)
+        except sqlite3.DatabaseError as err:
+            raise ModelError(
+                f"call cache {self.lower} (read-only) cannot be opened ({err})"
+            ) from err
+        try:
+            rows = []
+            for start in range(0, len(keys), 500):
+                chunk = keys[start : start + 500]
+                rows += conn.execute(
+                    "SELECT key, text, prompt_tokens, completion_tokens, finish_reason, meta, "
+                    f"checksum FROM calls WHERE key IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                ).fetchall()
+            return rows
+        except sqlite3.DatabaseError as err:
+            raise ModelError(
+                f"call cache {self.lower} (read-only) cannot be read ({err}); if it is "
+                f"corrupt, move it away (its calls are made again)"
+            ) from err
+        finally:
+            conn.close()
 
     # --- connection -------------------------------------------------------------
 
@@ -196,11 +232,25 @@ class CallCache:
             f"again: every answer written before is kept"
         )
 
+    @staticmethod
+    def _completion(row: tuple) -> Completion | None:
+        """A (key, text, tokens, finish, meta, checksum) row as served; None if its checksum
+        does not hold (rows of a cache made before checksums have none)."""
+        key, text, p_tok, c_tok, finish, meta, checksum = row
+        if checksum is not None and checksum != answer_checksum(
+            key, text, p_tok, c_tok, finish, meta
+        ):
+            return None
+        return Completion(text=text, prompt_tokens=p_tok, completion_tokens=c_tok,
+                          finish_reason=finish, cached=True, meta=json.loads(meta))  # fmt: skip
+
     def get_many(self, keys: Iterable[str]) -> dict[str, Completion]:
-        """The cached completions among ``keys`` (counted as hits and misses).
+        """The cached completions among ``keys`` (counted as hits and misses), from this
+        file, then from the lower one for the keys this one lacks.
 
         A row whose checksum does not match is not served: it is deleted (so the call
-        is made again and stored afresh) and counted in ``stats.corrupt``.
+        is made again and stored afresh; in the lower file it is left) and counted in
+        ``stats.corrupt``.
         """
         wanted = list(dict.fromkeys(keys))
         found: dict[str, Completion] = {}
@@ -217,20 +267,23 @@ class CallCache:
                     chunk,
                 ).fetchall(),
             )
-            for key, text, p_tok, c_tok, finish, meta, checksum in rows:
-                if checksum is not None and checksum != answer_checksum(
-                    key, text, p_tok, c_tok, finish, meta
-                ):
-                    bad.append(key)
-                    continue
-                found[key] = Completion(
-                    text=text,
-                    prompt_tokens=p_tok,
-                    completion_tokens=c_tok,
-                    finish_reason=finish,
-                    cached=True,
-                    meta=json.loads(meta),
-                )
+            for row in rows:
+                served = self._completion(row)
+                if served is None:
+                    bad.append(row[0])
+                else:
+                    found[row[0]] = served
+        lower_bad = 0
+        for row in self._lower_rows([k for k in wanted if k not in found]):
+            served = self._completion(row)
+            if served is None:
+                lower_bad += 1
+            else:
+                found[row[0]] = served
+        if lower_bad:
+            log.warning("call cache %s: %d answer(s) did not match their checksum; made again",
+                        self.lower, lower_bad)  # fmt: skip
+            self.stats.corrupt += lower_bad
         if bad:
             log.warning(
                 "call cache %s: %d answer(s) did not match their checksum; they are "
@@ -329,6 +382,12 @@ class CallCache:
             tokens += int(row[5]) + int(row[6])
         return {"path": str(self.path), "answers": sum(by_model.values()), "tokens": tokens,
                 "corrupt": corrupt, "by_model": dict(sorted(by_model.items()))}  # fmt: skip
+
+    def checkpoint(self) -> None:
+        """Move every committed answer from the write-ahead log into the file itself, so
+        that a read-only ``lower`` reader (which ignores the log) sees them all."""
+        self._retrying("checkpoint", lambda: self._connection().execute(
+            "PRAGMA wal_checkpoint(TRUNCATE)").fetchall())  # fmt: skip
 
     def merge_from(self, other: str | Path) -> dict:
         """Copy into this cache every verified answer of ``other`` it lacks (the first answer

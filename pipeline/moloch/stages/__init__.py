@@ -1,4 +1,4 @@
-"""The seven stages of the study, one module each (docs/protocol.md: what each reads and writes).
+"""The eight stages of the study, one module each (docs/protocol.md: what each reads and writes).
 
 Each stage runs once per (task, model), or per (task, model, method) for
 ``train`` and ``generate``, in ``<run>/<stage>/<task>/<model>[/<method>]``:
@@ -7,8 +7,9 @@ Each stage runs once per (task, model), or per (task, model, method) for
 stage      reads                               writes
 =========  ==================================  =========================================
 prepare    anchors and personas (data.py)      train.jsonl, test.jsonl, voters.jsonl
-episodes   prepare                             candidates.jsonl, votes.jsonl
-trainsets  prepare, episodes                   rft.jsonl, tfb.jsonl, summary.json
+candidates prepare                             candidates.jsonl
+episodes   prepare, candidates                 votes.jsonl
+trainsets  prepare, candidates, episodes                   rft.jsonl, tfb.jsonl, summary.json
 train      trainsets                           adapter/ (LoRA, train_summary.json)
 generate   prepare (+ train for rft and tfb)   generations.jsonl
 compete    prepare, generate x 3               votes.jsonl
@@ -23,10 +24,11 @@ from __future__ import annotations
 
 from ..errors import StageError
 from ..units import Stage
-from . import compete, episodes, generate, prepare, probe, train, trainsets
+from . import candidates, compete, episodes, generate, prepare, probe, train, trainsets
 
 STAGES: list[Stage] = [
     prepare.STAGE,
+    candidates.STAGE,
     episodes.STAGE,
     trainsets.STAGE,
     train.STAGE,

@@ -1,4 +1,4 @@
-"""Stage 6, competition (docs/protocol.md §6): every pair of methods, one duel per test anchor."""
+"""Stage 7, competition (docs/protocol.md §6): every pair of methods, one duel per test anchor."""
 
 from __future__ import annotations
 
@@ -29,6 +29,6 @@ def compete(unit: Unit) -> dict:
 
 
 STAGE = Stage(
-    "compete", "06_compete.ipynb", compete, needs_generations,
+    "compete", "07_compete.ipynb", compete, needs_generations,
     profile_keys=("seed", "audience"), roles=("audience",),
 )  # fmt: skip

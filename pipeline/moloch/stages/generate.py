@@ -1,4 +1,4 @@
-"""Stage 5, test generation (docs/protocol.md §6): every method's player, every test anchor."""
+"""Stage 6, test generation (docs/protocol.md §6): every method's player, every test anchor."""
 
 from __future__ import annotations
 
@@ -32,6 +32,6 @@ def needs(unit: Unit) -> list[tuple[str, str | None]]:
 
 
 STAGE = Stage(
-    "generate", "05_generate.ipynb", generate, needs,
+    "generate", "06_generate.ipynb", generate, needs,
     profile_keys=("seed", "players"), methods=METHODS, roles=("player",),
 )  # fmt: skip

@@ -1,4 +1,4 @@
-"""Stage 7, misalignment probes (docs/protocol.md §7): a judge labels player 0 of every method."""
+"""Stage 8, misalignment probes (docs/protocol.md §7): a judge labels player 0 of every method."""
 
 from __future__ import annotations
 
@@ -34,6 +34,6 @@ def probe(unit: Unit) -> dict:
 
 
 STAGE = Stage(
-    "probe", "07_probe.ipynb", probe, needs_generations,
+    "probe", "08_probe.ipynb", probe, needs_generations,
     profile_keys=("seed", "judge"), roles=("judge",),
 )  # fmt: skip

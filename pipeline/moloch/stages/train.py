@@ -1,4 +1,4 @@
-"""Stage 4, training (docs/protocol.md §5): one LoRA adapter per (task, model, trained method)."""
+"""Stage 5, training (docs/protocol.md §5): one LoRA adapter per (task, model, trained method)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,6 @@ def train(unit: Unit) -> dict:
 
 
 STAGE = Stage(
-    "train", "04_train.ipynb", train, lambda unit: [("trainsets", None)],
+    "train", "05_train.ipynb", train, lambda unit: [("trainsets", None)],
     profile_keys=("seed", "players", "training"), methods=TRAINED, roles=("player",),
 )  # fmt: skip

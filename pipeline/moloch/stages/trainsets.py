@@ -1,4 +1,4 @@
-"""Stage 3, training sets (docs/protocol.md §4): RFT (what won) and TFB (what voters wrote)."""
+"""Stage 4, training sets (docs/protocol.md §4): RFT (what won) and TFB (what voters wrote)."""
 
 from __future__ import annotations
 
@@ -15,14 +15,15 @@ def episode_records(unit: Unit) -> list[Episode]:
     train = prepared(unit, "train")
     folder = unit.unit_dir("episodes")
     candidates = {
-        (r["anchor_id"], r["sample_index"]): r for r in read_jsonl(folder / "candidates.jsonl")
+        (r["anchor_id"], r["sample_index"]): r
+        for r in read_jsonl(unit.unit_dir("candidates") / "candidates.jsonl")
     }
     votes = group_votes(read_jsonl(folder / "votes.jsonl"), where=str(folder / "votes.jsonl"))
     records = []
     for row in train:
         pair = [candidates.get((row["anchor_id"], i)) for i in (0, 1)]
         if None in pair:
-            raise StageError(f"episode {row['anchor_id']}: candidates missing; rerun episodes")
+            raise StageError(f"episode {row['anchor_id']}: candidates missing; rerun candidates")
         records.append(
             Episode(
                 anchor_id=row["anchor_id"],
@@ -49,6 +50,7 @@ def trainsets(unit: Unit) -> dict:
 
 
 STAGE = Stage(
-    "trainsets", "03_trainsets.ipynb", trainsets,
-    lambda unit: [("prepare", None), ("episodes", None)], profile_keys=("seed", "training"),
+    "trainsets", "04_trainsets.ipynb", trainsets,
+    lambda unit: [("prepare", None), ("candidates", None), ("episodes", None)],
+    profile_keys=("seed", "training"),
 )  # fmt: skip
