@@ -98,7 +98,10 @@ def test_two_shards_in_parallel_merge_into_the_single_process_result(tmp_path, m
 
     assert made(sharded.folder) == made(single) and "claims.csv" in made(single)
     assert set(last["merged"]) == {"sales__" + PLAYER, "elections__" + PLAYER}
-    assert len(CallCache(sharded.cache_path)) == len(CallCache(single / "llm-cache.sqlite"))
+    answers = len(CallCache(sharded.cache_path))
+    assert answers == len(CallCache(single / "llm-cache.sqlite"))
+    # every call went to a shard's own file; the run's was written by the merge alone
+    assert sum(m["added"] for m in last["merged"].values()) == answers
     assert not (sharded.folder / "shards").exists() or not any(
         (sharded.folder / "shards").iterdir()
     )
@@ -152,3 +155,13 @@ def test_a_run_with_unmerged_shard_caches_is_not_archived(tmp_path, mirror_env):
     )
     with pytest.raises(ArchiveError, match="not merged.*moloch cache merge"):
         pack(run)
+
+
+@pytest.mark.integration
+def test_a_shard_job_kernel_writes_the_shard_cache(tmp_path, mirror_env):
+    """Through notebooks: the stage kernels a shard job starts inherit its cache file."""
+    run = find_run(str(write_profile(tmp_path, tasks=("sales",))), tmp_path / "run")
+    jobs = submit(run, "local", render=False, log=lambda _: None)
+    merged = jobs[-1].result()["merged"]
+    assert merged[f"sales__{PLAYER}"]["added"] == len(CallCache(run.cache_path)) > 0
+    assert (run.unit_dir("episodes", "sales", PLAYER) / "03_episodes.ipynb").is_file()
