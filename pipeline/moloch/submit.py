@@ -73,8 +73,9 @@ def phases(run: Run, stages: list[Stage], models: list[str]) -> list[Phase]:
     return [Phase(tuple(names), gpu=not remote) for names, remote in cut]
 
 
-def shard_cache(run_folder: Path, task: str, model: str) -> Path:
-    return Path(run_folder) / SHARDS_DIR / f"{task}__{model}" / "llm-cache.sqlite"
+def shard_cache(run: Run, task: str, model: str) -> Path:
+    """The call cache a shard job writes (named like the run's, in the shard's folder)."""
+    return run.folder / SHARDS_DIR / f"{task}__{model}" / run.cache_path.name
 
 
 # --- what the jobs run (pickled by submitit: plain arguments only) -----------------------------
@@ -87,7 +88,7 @@ def run_shard(profile_ref: str, run_dir: str, task: str, model: str, stages: tup
     from .runner import run_pipeline
 
     started = time.time()
-    os.environ[ENV_SHARD_CACHE] = str(shard_cache(Path(run_dir), task, model))
+    os.environ[ENV_SHARD_CACHE] = str(shard_cache(find_run(profile_ref, run_dir), task, model))
     reports = run_pipeline(
         profile_ref, only=list(stages), tasks=[task], models=[model], run_dir=Path(run_dir),
         notebooks=notebooks, yes=True,
@@ -107,7 +108,7 @@ def finish(profile_ref: str, run_dir: str, render: bool = True) -> dict:
     run = find_run(profile_ref, run_dir)
     cache = CallCache(run.cache_path)
     merged = {}
-    for shard in sorted((run.folder / SHARDS_DIR).glob("*/llm-cache.sqlite")):
+    for shard in sorted((run.folder / SHARDS_DIR).glob(f"*/{run.cache_path.name}")):
         merged[shard.parent.name] = cache.merge_from(shard)
         for path in shard.parent.glob(shard.name + "*"):  # the file and its -wal, -shm
             path.unlink()
@@ -157,6 +158,8 @@ def submit(
     ``wait``: block until the last job ends (default: only with the local executor, which
     also waits for each phase before queueing the next).
     """
+    import submitit
+
     from .budget import Budget, paid, pending_costs
     from .llm import CallCache
     from .llm import preflight as check
@@ -182,8 +185,6 @@ def submit(
 
     def pool(gpu: bool, after: str | None, name: str):
         return _executor(run.folder / JOBS_DIR, executor, resources, gpu, after, name)
-
-    import submitit
 
     local = (submitit.AutoExecutor.which() if executor == "auto" else executor) != "slurm"
     wait = local if wait is None else wait
