@@ -400,4 +400,4 @@ def test_status_says_what_a_run_would_do_and_why(tmp_path, mirror_env, capsys):
     assert "its profile settings changed" in capsys.readouterr().out
     assert cli.main(["status", "--run-dir", str(runs), "--task", "sales"]) == 0  # as recorded
     printed = capsys.readouterr().out
-    assert "labels.jsonl" in printed and "moloch: 9 up to date, 1 stale, 0 missing" in printed
+    assert "labels.jsonl" in printed and "moloch: 10 up to date, 1 stale, 0 missing" in printed
