@@ -203,7 +203,8 @@ def submit(
         named = [(job, f"{'+'.join(phase.stages)} {t}/{m}") for job, (t, m) in zip(
             previous, shards, strict=True)]  # fmt: skip
         jobs += named
-        log(f"[jobs] {', '.join(phase.stages)} ({'GPU' if phase.gpu else 'no GPU'}): "
+        needs = "local models: a GPU on SLURM" if phase.gpu else "remote APIs only: no GPU"
+        log(f"[jobs] {', '.join(phase.stages)} ({needs}): "
             f"{', '.join(j.job_id for j in previous)}")  # fmt: skip
         if local:
             _results(named)
@@ -290,9 +291,13 @@ def _main(args) -> int:
     resources = Resources(args.partition, args.gpus, args.cpus, args.mem_gb, args.timeout_min,
                           args.account)  # fmt: skip
     run = find_run(args.profile, args.run_dir)
-    submit(run, args.executor, resources, args.task, args.model, render=not args.no_report,
-           yes=args.yes, max_cost=args.max_cost, wait=True if args.wait else None)  # fmt: skip
-    print(f"moloch: submitted; `moloch status --run-dir {run.folder}` shows what is done")
+    jobs = submit(run, args.executor, resources, args.task, args.model,
+                  render=not args.no_report, yes=args.yes, max_cost=args.max_cost,
+                  wait=True if args.wait else None)  # fmt: skip
+    if jobs[-1].done():
+        print(f"moloch: every job finished; claims in {run.claims_path}")
+    else:
+        print(f"moloch: submitted; `moloch status --run-dir {run.folder}` shows what is done")
     return 0
 
 
