@@ -73,6 +73,16 @@ def _busy(err: sqlite3.OperationalError) -> bool:
     return "locked" in str(err) or "busy" in str(err)
 
 
+def _answer_rows(conn: sqlite3.Connection, keys: list[str]) -> list[tuple]:
+    """The (key, answer fields, checksum) rows of ``keys`` (at most 500: SQLite's limit)."""
+    marks = ",".join("?" * len(keys))
+    return conn.execute(
+        "SELECT key, text, prompt_tokens, completion_tokens, finish_reason, meta, checksum "
+        f"FROM calls WHERE key IN ({marks})",
+        keys,
+    ).fetchall()
+
+
 def default_cache_path() -> Path:
     return cache_dir() / CACHE_FILE_NAME
 
@@ -143,11 +153,7 @@ class CallCache:
             rows = []
             for start in range(0, len(keys), 500):
                 chunk = keys[start : start + 500]
-                rows += conn.execute(
-                    "SELECT key, text, prompt_tokens, completion_tokens, finish_reason, meta, "
-                    f"checksum FROM calls WHERE key IN ({','.join('?' * len(chunk))})",
-                    chunk,
-                ).fetchall()
+                rows += _answer_rows(conn, chunk)
             return rows
         except sqlite3.DatabaseError as err:
             raise ModelError(
@@ -258,15 +264,7 @@ class CallCache:
         conn = self._connection()
         for start in range(0, len(wanted), 500):  # stay under SQLite's variable limit
             chunk = wanted[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            rows = self._retrying(
-                "read",
-                lambda chunk=chunk, marks=marks: conn.execute(
-                    "SELECT key, text, prompt_tokens, completion_tokens, finish_reason, meta, "
-                    f"checksum FROM calls WHERE key IN ({marks})",
-                    chunk,
-                ).fetchall(),
-            )
+            rows = self._retrying("read", lambda chunk=chunk: _answer_rows(conn, chunk))
             for row in rows:
                 served = self._completion(row)
                 if served is None:
