@@ -46,7 +46,9 @@ def test_ballot_order_is_per_voter_and_maps_letters_back():
     assert len(rows) == 8 * 3
     swaps = {r["swapped"] for r in rows}
     assert swaps == {True, False}  # 24 fair coin flips: both sides occur
-    for row, request in zip(rows, backend.seen, strict=True):
+    asked = [b.request for b in ballots(SPEC, "sales", PERSONAS, duels(8), seed=3)]
+    assert sorted(asked, key=lambda r: r.messages) == backend.seen  # each asked once
+    for row, request in zip(rows, asked, strict=True):
         # The voter said A; the choice must be whichever candidate was shown as A.
         expected = "second" if shown_as(request, "A").startswith("SECOND") else "first"
         assert row["choice"] == expected

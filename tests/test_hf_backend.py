@@ -1,5 +1,6 @@
 """TransformersBackend: the sampler as pure code, then the real embedded model (integration)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -9,10 +10,12 @@ from moloch.config import ModelSpec
 from moloch.errors import ModelError
 from moloch.llm.base import AnswerFormat, ChatRequest
 from moloch.llm.hf import (
+    PREFIX_MIN_TOKENS,
     TransformersBackend,
     _Forcer,
     _RowSampler,
     adapter_name,
+    batch_order,
     request_seed,
 )
 from moloch.llm.parse import parse_thought, parse_vote, parse_yes_no
@@ -72,6 +75,20 @@ def test_sampler_follows_the_distribution():
         torch.tensor([_chosen(sampler, probs.log()[None])[0] for _ in range(3000)]), minlength=3
     )
     assert torch.allclose(counts / 3000, probs, atol=0.035)
+
+
+def test_batch_order_keeps_each_family_together_shortest_first():
+    voter = [list(range(100)) + [i] * n for i, n in ((7, 5), (3, 9), (5, 1))]  # 100 shared
+    other = [[900 + i] * n for i, n in ((0, 30), (1, 10))]  # no family: after, by length
+    judge = [list(range(500, 540)) + [i] * n for i, n in ((1, 3), (2, 2))]  # 40 of 43 shared
+    rows = [other[0], voter[0], judge[0], voter[1], other[1], voter[2], judge[1]]
+    order = batch_order(rows)
+    assert sorted(order) == list(range(len(rows)))
+    assert [rows[i] for i in order] == [voter[2], voter[0], voter[1], judge[1], judge[0]] + [
+        other[1],
+        other[0],
+    ]
+    assert batch_order([]) == [] and batch_order([[1, 2]]) == [0]
 
 
 # --- the real embedded model ---------------------------------------------------------
@@ -258,3 +275,53 @@ def test_sampler_applies_top_k_then_nucleus_like_transformers():
         for s in range(400)
     }
     assert free == {0, 1, 2, 3}  # top_k 0: no cut
+
+
+def _families_of_requests(n_voters=3, per_voter=4):
+    """Requests as ballots are: a long opening per voter, then a short part of their own."""
+    persona = "You are {name}, a {age}-year-old {job} who reads every word twice. " * 4
+    jobs = [("Ada", 41, "chemist"), ("Bo", 23, "baker"), ("Cy", 67, "sailor")][:n_voters]
+    fmt = AnswerFormat.tagged("vote", ("A", "B"))
+    return [
+        _request(
+            persona.format(name=name, age=age, job=job) + f"\n## A\noption {i}\n## B\nplan {i}",
+            max_tokens=24,
+            seed=i,
+            answer_format=fmt if i % 2 else None,
+        )
+        for name, age, job in jobs
+        for i in range(per_voter)
+    ]
+
+
+@pytest.mark.integration
+def test_shared_prefixes_are_computed_once_and_change_no_answer(tmp_path):
+    """The same requests with and without prefix reuse: the same tokens (float32), with a
+    random LoRA adapter too; the store computes each voter's opening once."""
+    requests = _families_of_requests()
+    whole = TransformersBackend(SPEC, share_prefixes=False)
+    shared = TransformersBackend(SPEC)
+    expected = [c.text for c in whole.generate(requests)]
+    assert [c.text for c in shared.generate(requests)] == expected
+    store = shared.prefixes
+    assert store.computed >= 3 * PREFIX_MIN_TOKENS and store.reused >= 3 * store.computed
+    assert [c.text for c in shared.generate(requests[::-1])][::-1] == expected
+    # a prompt on its own reuses what an earlier batch computed
+    computed = store.computed
+    assert shared.generate(requests[1:2])[0].text == expected[1]
+    assert store.computed == computed
+    assert whole.prefixes.computed == 0
+
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from moloch.llm.embedded import embedded_checkpoint
+
+    config = peft.LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"])
+    config.init_lora_weights = False  # random B: the prefix states differ from the base's
+    model = AutoModelForCausalLM.from_pretrained(embedded_checkpoint())
+    peft.get_peft_model(model, config).save_pretrained(tmp_path / "lora")
+    adapted = [dataclasses.replace(r, adapter=str(tmp_path / "lora")) for r in requests]
+    texts = [c.text for c in shared.generate(adapted)]
+    assert texts == [c.text for c in whole.generate(adapted)] and texts != expected
+    assert [c.text for c in shared.generate(requests)] == expected

@@ -155,3 +155,21 @@ def test_get_llm_builds_the_spec_backend(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
     assert get_llm(remote, cache=False).batch_size == 32
     assert make_backend(remote).identity()["base_url"] == "http://127.0.0.1:9/v1"
+
+
+def test_misses_go_to_the_backend_ordered_by_their_messages(tmp_path):
+    """Requests that begin alike meet in a batch (the local backend shares their prefix);
+    answers still come back in the caller's order."""
+    seen: list[str] = []
+
+    class Recording(FakeBackend):
+        def generate(self, requests):
+            seen.extend(r.messages[1][1] for r in requests)
+            return super().generate(requests)
+
+    voters = [f"voter {v}: ballot {d}" for d in range(3) for v in (2, 0, 1)]
+    batch = [ChatRequest.chat("sys", text, temperature=0.1) for text in voters]
+    llm = LLM(Recording(), CallCache(tmp_path / "c.sqlite"), mode="live", batch_size=3)
+    answers = llm.complete(batch)
+    assert seen == sorted(voters)  # each batch of three holds one voter's ballots
+    assert [c.text for c in answers] == [c.text for c in FakeBackend().generate(batch)]

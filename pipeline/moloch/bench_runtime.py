@@ -3,12 +3,21 @@
 Measures TransformersBackend on the embedded model (SmolLM2-135M) generating
 exactly ``--new-tokens`` tokens per request at several batch sizes, splits the
 time into prefill and decoding, lists the operators that take the time (torch
-profiler), and times the call cache serving answers it holds. Writes
-``data/runs/bench/runtime.json`` with the machine, versions, threads, date and
-load average (other processes sharing the CPU change every figure).
+profiler), and times the call cache serving answers it holds. Beside it, in the
+same run, on the same requests: plain ``transformers`` ``generate`` (with the
+backend's own sampler, the backend as it was before it had its own decoding
+loop), on the generation rows and on one compete unit (240 ballots of the smoke
+profile's audience, real personas); the answers of every prefix-sharing run are
+compared token for token with a run that computes every prompt whole, over at
+least 500 requests. The machine's limits are measured too (memory read
+bandwidth, matrix-multiply FLOP/s), so each speed reads as a fraction of what
+the machine allows. Writes ``data/runs/bench/runtime.json`` with the machine,
+versions, threads, date and load average (other processes sharing the CPU
+change every figure).
 
     python -m moloch.bench_runtime                      # batch 1, 8, 16; 200 tokens
     python -m moloch.bench_runtime --batches 16 --dtypes float32,bfloat16
+    python -m moloch.bench_runtime --no-compete         # skip the 240-ballot unit
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from .config import ModelSpec
+from .config import ModelSpec, load_profile
 from .files import write_atomic
 from .llm.base import ChatRequest, Completion
 from .paths import runs_dir
@@ -121,6 +130,192 @@ def bench_generation(backend, batch: int, new_tokens: int) -> dict:
     }
 
 
+class PlainGenerate:
+    """The backend's requests answered by ``transformers`` ``generate`` itself: left padding,
+    its static cache, the backend's sampler as a logits processor (the peer to beat)."""
+
+    def __init__(self, backend, batch_size: int | None = None):
+        self.backend, self.spec, self.dtype = backend, backend.spec, backend.dtype
+        self.batch_size = batch_size or backend.spec.batch_size
+
+    def generate_batch(self, requests, min_new_tokens=None):
+        import torch
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        from .llm.hf import _Forcer, _RowSampler
+
+        backend = self.backend
+        model, tok = backend.load(), backend._tokenizer
+        out: list[Completion] = []
+        size = self.batch_size
+        for start in range(0, len(requests), size):
+            chunk = requests[start : start + size]
+            max_tokens = max(r.max_tokens for r in chunk)
+            prompts = [backend._prompt(r) for r in chunk]
+            special = chunk[0].add_special_tokens
+            enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=special)
+            forcers = [
+                _Forcer(r.answer_format, tok, tok.eos_token_id, max_tokens, vocab=len(tok))
+                if r.answer_format
+                else None
+                for r in chunk
+            ]
+            config = GenerationConfig(
+                max_new_tokens=max_tokens, min_new_tokens=min_new_tokens, do_sample=False,
+                cache_implementation="static", eos_token_id=sorted(backend._eos),
+                pad_token_id=tok.pad_token_id,
+            )  # fmt: skip
+            sampler = _RowSampler(chunk, forcers, backend.sampling_defaults)
+            with torch.inference_mode():
+                ids = model.generate(
+                    **enc, generation_config=config, logits_processor=LogitsProcessorList([sampler])
+                )
+            for row, n in zip(
+                ids[:, enc.input_ids.shape[1] :].tolist(), enc.attention_mask.sum(1), strict=True
+            ):
+                stop = next((j for j, t in enumerate(row) if t in backend._eos), None)
+                kept = row if stop is None else row[:stop]
+                text = tok.decode(kept, skip_special_tokens=True)
+                out.append(Completion(text, int(n), len(kept) + (stop is not None)))
+        return out
+
+
+def limits(params: int, weight_bytes: int) -> dict:
+    """What this machine allows: memory read bandwidth (a 1 GiB sum), matrix-multiply FLOP/s
+    (2048-square float32), and from them the fastest prefill (arithmetic: 2 FLOP per weight
+    per token) and decoding at each batch (a step reads every weight once and does the
+    arithmetic of a token per row, whichever is slower)."""
+    import torch
+
+    big = torch.ones(256 * 2**20)
+    big.sum()
+    _, wall, _ = _timed(lambda: [big.sum() for _ in range(5)])
+    bandwidth = 5 * big.numel() * 4 / wall
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    _, wall, _ = _timed(lambda: [a @ b for _ in range(10)])
+    flops = 10 * 2 * 2048**3 / wall
+    step = {n: max(weight_bytes / bandwidth, 2 * params * n / flops) for n in (1, 8, 16)}
+    return {
+        "memory_read_gb_per_s": round(bandwidth / 1e9, 1),
+        "matmul_gflop_per_s": round(flops / 1e9, 1),
+        "weights_mb": round(weight_bytes / 1e6),
+        "prefill_tokens_per_s": round(flops / (2 * params), 1),
+        "decode_tokens_per_s": {str(n): round(n / t, 1) for n, t in step.items()},
+    }
+
+
+def compete_ballots(n_duels: int = 48) -> list[ChatRequest]:
+    """One compete unit of the smoke profile: ``n_duels`` duels (16 anchors x 3 pairs) before
+    its 5 voters (real personas), two ~60-token messages each (made up, fixed)."""
+    from . import audience
+    from .config import load_profile
+    from .data import load_personas
+
+    spec = load_profile("smoke").audience
+    pitch = (
+        "Meet the AeroPods X{i}: crisp sound, {h}-hour battery and a case that fits any "
+        "pocket. Noise cancelling that works, so your commute becomes your concert."
+    )
+    duels = [
+        audience.Duel(
+            f"anchor-{i // 3}",
+            ("base-rft", "base-tfb", "rft-tfb")[i % 3],
+            pitch.format(i=i, h=20 + i),
+            pitch.format(i=i + 100, h=60 - i) + " Order today!",
+        )  # fmt: skip
+        for i in range(n_duels)
+    ]
+    personas = load_personas()[: spec.voters]
+    return [b.request for b in audience.ballots(spec, "sales", personas, duels, SEED)]
+
+
+def family_requests(families: int = 42, each: int = 12) -> list[ChatRequest]:
+    """Short requests in families that share ~60 prompt tokens (for the token comparison)."""
+    opening = "You are reader {f}. You read slowly, you like facts, you dislike hype. " * 3
+    return [
+        ChatRequest.chat(
+            SYSTEM,
+            opening.format(f=f) + f"Which is better, plan {i} or plan {i + 1}? Say why.",
+            temperature=0.7,
+            max_tokens=16,
+            seed=SEED + i,
+        )  # fmt: skip
+        for f in range(families)
+        for i in range(each)
+    ]
+
+
+def _tokens(backend, completions) -> list[tuple[int, ...]]:
+    tok = backend._tokenizer
+    return [tuple(tok(c.text, add_special_tokens=False).input_ids) for c in completions]
+
+
+def compare_answers(shared: list[tuple], whole: list[tuple]) -> dict:
+    """How often answers differ: whole answers, and tokens (up to each pair's first
+    difference, after which the two texts go their own ways)."""
+    differ = [(a, b) for a, b in zip(shared, whole, strict=True) if a != b]
+    first_flips = len(differ)
+    tokens = sum(len(b) for b in whole)
+    return {
+        "requests": len(whole),
+        "answers_differing": first_flips,
+        "tokens_compared": tokens,
+        "first_token_flips_per_1000_tokens": round(1000 * first_flips / max(tokens, 1), 3),
+    }
+
+
+# The smoke audience's batch before this backend had its own decoding loop.
+EARLIER_BATCH = 16
+
+
+def bench_compete(spec) -> dict:
+    """One compete unit (240 ballots): as it ran before (``generate``, batch 16), then this
+    backend at batch 16 and at the profile's batch; every run's answers compared token for
+    token with the first's."""
+    from .llm.hf import TransformersBackend
+
+    ballots = sorted(compete_ballots(), key=lambda r: r.messages)  # as the client orders
+    row: dict = {"ballots": len(ballots), "profile_batch_size": spec.batch_size}
+    first = None
+    for name, batch in (("plain_generate", EARLIER_BATCH), ("backend_16", EARLIER_BATCH),
+                        ("backend", spec.batch_size)):  # fmt: skip
+        backend = TransformersBackend(dataclasses.replace(spec, batch_size=batch))
+        engine = PlainGenerate(backend) if name == "plain_generate" else backend
+        done, wall, _ = _timed(lambda engine=engine: engine.generate_batch(ballots))
+        answers = _tokens(backend, done)
+        first = first or answers
+        row[name] = {
+            "batch_size": batch,
+            "wall_s": round(wall, 1),
+            "prompt_tokens": sum(c.prompt_tokens for c in done),
+            "completion_tokens": sum(c.completion_tokens for c in done),
+            "prefix_tokens_computed": backend.prefixes.computed,
+            "prompt_tokens_shared": backend.prefixes.reused,
+            "answers_vs_plain_generate": compare_answers(answers, first),
+        }
+    row["speedup"] = round(row["plain_generate"]["wall_s"] / row["backend"]["wall_s"], 2)
+    return row
+
+
+def bench_equivalence(spec) -> dict:
+    """The same requests with and without prefix reuse (``share_prefixes``)."""
+    from .llm.hf import TransformersBackend
+
+    requests = family_requests()
+    runs = {}
+    for name, share in (("whole", False), ("shared", True)):
+        engine = TransformersBackend(spec, share_prefixes=share)
+        done, wall, _ = _timed(lambda engine=engine: engine.generate_batch(requests))
+        runs[name] = _tokens(engine, done)
+        runs[f"{name}_s"] = round(wall, 1)
+    return {
+        **compare_answers(runs["shared"], runs["whole"]),
+        "whole_s": runs["whole_s"],
+        "shared_s": runs["shared_s"],
+    }
+
+
 def profile_ops(backend, batch: int, new_tokens: int, top: int = 10) -> list[dict]:
     """The operators with the most self CPU time over one short generation."""
     from torch.profiler import ProfilerActivity, profile
@@ -174,9 +369,12 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--new-tokens", type=int, default=200)
     parser.add_argument("--dtypes", default="float32", help="e.g. float32,bfloat16")
     parser.add_argument("--out", type=Path, default=runs_dir() / "bench" / "runtime.json")
+    parser.add_argument(
+        "--no-compete", action="store_true", help="skip the compete unit and the comparison"
+    )
     args = parser.parse_args(argv)
 
-    from .llm.hf import CACHE_IMPLEMENTATION, TransformersBackend
+    from .llm.hf import TransformersBackend
 
     batches = [int(b) for b in args.batches.split(",")]
     result: dict = {"machine": machine(), "loadavg_start": os.getloadavg(), "generation": []}
@@ -191,12 +389,25 @@ def main(argv: list[str] | None = None) -> Path:
         backend = TransformersBackend(spec, dtype=dtype)
         backend.generate_batch(bench_requests(1, 2))  # load and warm up
         result["torch_threads"] = backend.threads
-        result["kv_cache"] = CACHE_IMPLEMENTATION
+        result["kv_cache"] = "static, shared prefixes computed once"
+        plain = PlainGenerate(backend)
         for batch in batches:
-            row = bench_generation(backend, batch, args.new_tokens)
-            print(json.dumps(row))
-            result["generation"].append(row)
+            for engine, name in ((backend, "backend"), (plain, "plain_generate")):
+                row = {"engine": name, **bench_generation(engine, batch, args.new_tokens)}
+                print(json.dumps(row))
+                result["generation"].append(row)
         if dtype == "float32":
+            model = backend.load()
+            params = sum(p.numel() for p in model.parameters())
+            weights = sum(p.numel() * p.element_size() for p in model.parameters())
+            result["limits"] = limits(params, weights)
+            print(json.dumps(result["limits"]))
+            if not args.no_compete:
+                spec = load_profile("smoke").audience
+                result["compete_unit"] = bench_compete(spec)
+                print(json.dumps(result["compete_unit"]))
+                result["prefix_reuse_equivalence"] = bench_equivalence(spec)
+                print(json.dumps(result["prefix_reuse_equivalence"]))
             ops = profile_ops(backend, max(batches), 40)
             result["profile"] = {"batch": max(batches), "new_tokens": 40, "top_ops": ops}
             result["cache_hits"] = bench_cache_hits(backend)

@@ -122,10 +122,15 @@ class LLM:
             found = self.cache.get_many(keys)
         # Identical requests in one call are sent once: the key says they share an answer.
         uses = Counter(keys)
-        missing = [k for k in uses if k not in found]
         first_request: dict[str, ChatRequest] = {}
         for key, request in zip(keys, requests, strict=True):
             first_request.setdefault(key, request)
+        # Misses in the order of their messages: requests that begin alike (a voter's ballots,
+        # one anchor's probes) meet in a batch, where a local backend computes their common
+        # prefix once. Only the order of the calls changes, never a request.
+        missing = sorted(
+            (k for k in uses if k not in found), key=lambda k: first_request[k].messages
+        )
         hits = len(requests) - sum(uses[k] for k in missing)
         self._stats["requests"] += len(requests)
         self._stats["hits"] += hits

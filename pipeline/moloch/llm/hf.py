@@ -5,36 +5,46 @@ SmolLM2 checkpoint of :mod:`moloch.llm.embedded`), applies the model's chat
 template and answers requests in batches of ``spec.batch_size``. Players'
 LoRA adapters (peft) are loaded on top on demand, one per adapter folder.
 
-Reproducibility. Sampling is done here, not by ``generate``: a logits
-processor draws each row's next token from that row's own ``torch.Generator``,
-seeded from the request (seed, sample index, messages), with one uniform draw
-per step and inverse-CDF sampling (``generate`` then takes the only token left
-by greedy choice). So a request's random stream does not depend on which other
-requests share its batch, nor on their order. What can still differ between
+Reproducibility. A sampler (``_RowSampler``) draws each row's next token from
+that row's own ``torch.Generator``, seeded from the request (seed, sample
+index, messages), with one uniform draw per step and inverse-CDF sampling. So
+a request's random stream does not depend on which other requests share its
+batch, nor on their order. What can still differ between
 batch compositions is floating-point rounding of the logits (other shapes,
 other padding), which flips a token only when a draw lands within rounding
 error of a boundary between two tokens: rare, not impossible. On one machine
 and one batch composition results are exactly repeatable. Temperature 0 is
 greedy.
 
-Speed on CPU (a shared 2-core Xeon with AMX; figures in ``bench_runtime``):
-decoding is bound by reading the weights (540 MB in float32) once per step,
-prefill by arithmetic. float32 is the default on CPU because it keeps answers
-independent of the batch (checked in tests); the profile's ``dtype: bfloat16``
-is about 1.6x faster to decode and 2.8x faster to prefill where the CPU has
-native bf16, but its rounding makes answers depend on the batch composition.
-The dtype and the device come from the profile (``dtype``, ``device``) and are
-part of ``identity()``, since they change the answers. Torch uses every core
-this process may run on; on a machine shared with other busy processes, fewer
+Decoding. The backend runs its own loop over the model's forward pass (not
+``generate``): one preallocated KV cache per batch, positions and the attention
+mask given explicitly, the logits of the last position only. Requests whose
+prompts begin with the same tokens (a voter's ballots share the system message,
+preamble, persona and instructions: about 400 of 475 tokens; a judge's probes of
+one anchor share all but the message) have that prefix computed once, at batch
+1, and its keys and values copied into each row's cache (``PrefixStore``, kept
+across batches within a memory bound). Each row reads exactly the tokens it
+would read alone, so the answers are those of computing every prompt whole, up
+to the floating-point rounding that batch shapes change anyway (compared token
+for token in the tests and over 504 requests in ``bench_runtime``). The call
+client orders misses by their messages so that such requests meet in a batch.
+
+Speed on CPU (figures in ``bench_runtime``, with the machine's limits):
+decoding is bound by reading the weights (540 MB in float32) once per step and
+by small matrix products, prefill by arithmetic. float32 is the default on CPU
+because it keeps answers independent of the batch (checked in tests); the
+profile's ``dtype: bfloat16`` is faster where the CPU has native bf16, but its
+rounding makes answers depend on the batch composition. The dtype and the
+device come from the profile (``dtype``, ``device``) and are part of
+``identity()``, since they change the answers. Torch uses every core this
+process may run on; on a machine shared with other busy processes, fewer
 threads are faster (``MOLOCH_TORCH_THREADS`` sets them; speed only).
-Prompts are sorted by length before batching to limit padding, and the KV
-cache is preallocated.
 """
 
 from __future__ import annotations
 
 import os
-from collections import defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -47,9 +57,10 @@ from .embedded import check_source, resolve_model, weights_identity
 from .sampling import GENERATE_DEFAULTS, model_defaults, resolve
 
 ENV_THREADS = "MOLOCH_TORCH_THREADS"
-# A preallocated KV cache: the default one concatenates at every step (measured:
-# 4% faster with 40-token prompts, 25% with 600-token prompts, same answers).
-CACHE_IMPLEMENTATION = "static"
+# Requests whose prompts begin alike (a voter's ballots share the system message, preamble,
+# persona and instructions: 400 of their ~475 tokens) have that prefix computed once.
+PREFIX_MIN_TOKENS = 32
+PREFIX_STORE_BYTES = 256 * 2**20  # states kept across batches (SmolLM2: 46 KB a token)
 
 
 def request_seed(request: ChatRequest) -> int:
@@ -247,13 +258,152 @@ class _RowSampler:
         return chosen
 
 
+def _additive(seen, dtype):
+    """An attention mask as the attention kernels add it: 0 where a query may look, the
+    dtype's lowest value elsewhere (2x faster on CPU than a boolean mask, measured)."""
+    import torch
+
+    return torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill(
+        ~seen, torch.finfo(dtype).min
+    )
+
+
+def _common(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _near(a: Sequence[int], b: Sequence[int]) -> bool:
+    """Two prompts of one family: they share at least half of the shorter one."""
+    return _common(a, b) * 2 >= min(len(a), len(b))
+
+
+def _families(rows: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Rows (indices) in runs that share a prefix: families (see ``_near``) first, then the
+    other rows grouped by a shorter common start of at least ``PREFIX_MIN_TOKENS``."""
+    ranked = sorted(range(len(rows)), key=lambda i: rows[i])
+    runs: list[list[int]] = []
+    for i in ranked:
+        if runs and _near(rows[runs[-1][-1]], rows[i]):
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    loose: list[list[int]] = []
+    for i in (run[0] for run in runs if len(run) == 1):  # still in rank order
+        if loose and _common(rows[loose[-1][-1]], rows[i]) >= PREFIX_MIN_TOKENS:
+            loose[-1].append(i)
+        else:
+            loose.append([i])
+    return [run for run in runs if len(run) > 1] + loose
+
+
+def batch_order(rows: Sequence[Sequence[int]]) -> list[int]:
+    """The order to batch prompts in: each family of prompts that share most of their tokens
+    (a voter's ballots, a judge's three probes of one anchor) side by side, shortest first
+    within it; then every other prompt, shortest first (less padding). Only the order
+    changes: each prompt, and its own random stream, stays as it is."""
+    family = {i: n for n, run in enumerate(_families(rows)) for i in run}
+    sizes = Counter(family.values())
+    alone = len(rows)  # every prompt without a family sorts after the families
+    return sorted(
+        range(len(rows)),
+        key=lambda i: (family[i] if sizes[family[i]] > 1 else alone, len(rows[i]), rows[i]),
+    )
+
+
+class PrefixStore:
+    """Key and value states of prompt prefixes that several requests share, computed once.
+
+    ``share(model, weights, rows)`` finds, for each row of a batch, the longest prefix it
+    shares with its neighbours (at least ``PREFIX_MIN_TOKENS``, always leaving a row one token
+    of its own) and returns its states at batch 1: taken from the store, or computed from the
+    longest stored prefix of it and kept. States depend on the weights (``weights`` names the
+    adapter and its files), so they are part of the key. The least recently used prefixes go
+    once the store holds more than ``max_bytes``. ``computed`` and ``reused`` count tokens.
+    """
+
+    def __init__(self, max_bytes: int = PREFIX_STORE_BYTES):
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[tuple, list] = OrderedDict()
+        self.computed = self.reused = 0
+
+    def share(self, model, weights, rows: Sequence[Sequence[int]]) -> list[tuple[int, list]]:
+        out: list[tuple[int, list]] = [(0, [])] * len(rows)
+        if self.max_bytes <= 0:  # reuse switched off: every row computes its whole prompt
+            return out
+        for run in _families(rows):
+            first = rows[run[0]]
+            n = min(len(rows[i]) - 1 for i in run)
+            n = min([n, *(_common(first, rows[i]) for i in run)])
+            if len(run) == 1:
+                n, _ = self._longest(weights, first[:n])  # only what an earlier batch left
+            if n >= PREFIX_MIN_TOKENS:
+                states = self._states(model, weights, tuple(first[:n]))
+                self.reused += n * len(run)
+                for i in run:
+                    out[i] = (n, states)
+        return out
+
+    def _longest(self, weights, tokens: Sequence[int]) -> tuple[int, list | None]:
+        best: tuple[int, list | None] = (0, None)
+        for (owner, prefix), states in self.entries.items():
+            fits = owner == weights and best[0] < len(prefix) <= len(tokens)
+            if fits and tuple(tokens[: len(prefix)]) == prefix:
+                best = (len(prefix), states)
+        return best
+
+    def _states(self, model, weights, prefix: tuple[int, ...]) -> list:
+        import torch
+        from transformers import DynamicCache
+
+        key = (weights, prefix)
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        start, known = self._longest(weights, prefix)
+        cache = DynamicCache(config=model.config)
+        for layer, (k, v) in enumerate(known or []):
+            cache.update(k, v, layer)  # copied: the stored states are never written to
+        device = next(model.parameters()).device
+        model(
+            input_ids=torch.tensor([prefix[start:]], device=device), past_key_values=cache,
+            position_ids=torch.arange(start, len(prefix), device=device)[None],
+            use_cache=True, logits_to_keep=1,
+        )  # fmt: skip
+        self.computed += len(prefix) - start
+        states = [(layer.keys, layer.values) for layer in cache.layers]
+        self.entries[key] = states
+        while len(self.entries) > 1 and self.bytes() > self.max_bytes:
+            self.entries.popitem(last=False)
+        return states
+
+    def bytes(self) -> int:
+        return sum(
+            k.numel() * k.element_size() + v.numel() * v.element_size()
+            for states in self.entries.values()
+            for k, v in states
+        )
+
+
 class TransformersBackend:
     """Backend over a local transformers model; see the module docstring."""
 
     name = "transformers"
 
-    def __init__(self, spec: ModelSpec, device: str | None = None, dtype: str | None = None):
-        """``device`` and ``dtype`` (e.g. "cpu", "float32") override the spec's (benchmarks)."""
+    def __init__(
+        self,
+        spec: ModelSpec,
+        device: str | None = None,
+        dtype: str | None = None,
+        share_prefixes: bool = True,
+    ):
+        """``device`` and ``dtype`` (e.g. "cpu", "float32") override the spec's (benchmarks);
+        ``share_prefixes=False`` computes every prompt whole (the equivalence test)."""
         self.spec = spec
         self._device = device
         self._model = None  # loaded on first use
@@ -262,6 +412,7 @@ class TransformersBackend:
         self._adapters: dict[str, tuple[str, tuple]] = {}  # path -> (name, folder signature)
         self.threads: int | None = None
         self.sampling_defaults: dict | None = None  # the model's top_k/top_p, once loaded
+        self.prefixes = PrefixStore(PREFIX_STORE_BYTES if share_prefixes else 0)
 
     # --- identity and loading -----------------------------------------------------
 
@@ -295,6 +446,10 @@ class TransformersBackend:
         if self.device == "cpu":
             self.threads = _choose_threads()
             torch.set_num_threads(self.threads)
+            # With a mask, transformers copies each key and value head once per query head
+            # before attention, unless told that the kernel groups them itself (it does on
+            # CPU): 1.1 GB copied per decoding step at batch 16, 500-token prompts.
+            os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
         source = resolve_model(self.spec.model)
         revision = None if isinstance(source, Path) else self.spec.revision
         try:
@@ -382,22 +537,23 @@ class TransformersBackend:
             raise ModelError("the transformers backend needs max_tokens on every request")
         self.load()
         prompts = [self._prompt(r) for r in requests]
-        lengths = [
-            len(self._tokenizer(p, add_special_tokens=r.add_special_tokens).input_ids)
+        tokens = [
+            self._tokenizer(p, add_special_tokens=r.add_special_tokens).input_ids
             for p, r in zip(prompts, requests, strict=True)
         ]
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, r in enumerate(requests):
-            groups[(r.adapter, r.max_tokens, r.add_special_tokens)].append(i)
+            groups[(r.adapter, r.max_tokens)].append(i)
         results: list[Completion | None] = [None] * len(requests)
-        for (adapter, max_tokens, _), members in groups.items():
-            members.sort(key=lambda i: lengths[i])
+        for (adapter, max_tokens), members in groups.items():
+            members = [members[j] for j in batch_order([tokens[i] for i in members])]
             size = self.spec.batch_size
             for start in range(0, len(members), size):
                 chunk = members[start : start + size]
                 done = self._run_batch(
                     [requests[i] for i in chunk],
                     [prompts[i] for i in chunk],
+                    [tokens[i] for i in chunk],
                     adapter,
                     max_tokens,
                     min_new_tokens,
@@ -406,25 +562,10 @@ class TransformersBackend:
                     results[i] = completion
         return results  # type: ignore[return-value]
 
-    def _run_batch(self, requests, prompts, adapter, max_tokens, min_new_tokens):
+    def _run_batch(self, requests, prompts, rows, adapter, max_tokens, min_new_tokens):
         import torch
-        from transformers import GenerationConfig, LogitsProcessorList
 
         tok = self._tokenizer
-        # v1 tokenised the templated text with the tokenizer's special tokens too (a second
-        # BOS for Llama-3.1); the template already holds them otherwise.
-        special = requests[0].add_special_tokens
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=special)
-        enc = enc.to(self.device)
-        config = GenerationConfig(
-            max_new_tokens=max_tokens,
-            min_new_tokens=min_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            cache_implementation=CACHE_IMPLEMENTATION,
-            eos_token_id=sorted(self._eos),
-            pad_token_id=tok.pad_token_id,
-        )
         eos = tok.eos_token_id if tok.eos_token_id is not None else min(self._eos)
         forcers = [
             _Forcer(r.answer_format, tok, eos, max_tokens, vocab=len(tok))
@@ -432,28 +573,94 @@ class TransformersBackend:
             else None
             for r in requests
         ]
+        sampler = _RowSampler(requests, forcers, self.sampling_defaults)
         model, context = self._use_adapter(adapter)
+        weights = (adapter, self._adapters[str(adapter)][1] if adapter else None)
         with torch.inference_mode(), context:
-            out = model.generate(
-                **enc,
-                generation_config=config,
-                logits_processor=LogitsProcessorList(
-                    [_RowSampler(requests, forcers, self.sampling_defaults)]
-                ),
-            )
-        new = out[:, enc.input_ids.shape[1] :].tolist()
-        prompt_tokens = enc.attention_mask.sum(dim=1).tolist()
+            new = self._decode(model, weights, rows, sampler, max_tokens, min_new_tokens or 0)
         completions = []
-        for row, n_prompt, prompt in zip(new, prompt_tokens, prompts, strict=True):
+        for row, prompt_ids, prompt in zip(new, rows, prompts, strict=True):
             stop = next((j for j, t in enumerate(row) if t in self._eos), None)
             kept = row if stop is None else row[:stop]
             completions.append(
                 Completion(
                     text=tok.decode(kept, skip_special_tokens=True),
-                    prompt_tokens=int(n_prompt),
+                    prompt_tokens=len(prompt_ids),
                     completion_tokens=len(kept) + (stop is not None),
                     finish_reason="length" if stop is None else "stop",
                     meta={"adapter": adapter_name(adapter) if adapter else None, "prompt": prompt},
                 )
             )
         return completions
+
+    def _decode(self, model, weights, rows, sampler, max_tokens, min_new_tokens):
+        """The new tokens of each row (up to its first end-of-sequence token).
+
+        One preallocated KV cache for the batch. A row's cache holds, in order: the states of
+        its shared prefix (copied from ``self.prefixes``; zeros, masked, where a row's prefix
+        is shorter than the longest), then the rest of its prompt, left-padded, then what it
+        writes. Positions and the attention mask are given explicitly, so a row reads exactly
+        the tokens it would read alone; padding is never attended to.
+        """
+        import torch
+        from transformers import StaticCache
+
+        device = self.device
+        shared = self.prefixes.share(model, weights, rows)  # per row: (length, states)
+        width = max(n for n, _ in shared)  # prefix slots of the cache
+        rest = max(len(row) - n for row, (n, _) in zip(rows, shared, strict=True))
+        size, batch = width + rest + max_tokens, len(rows)
+        cache = StaticCache(config=model.config, max_cache_len=size)
+        if width:
+            layers = next(states for n, states in shared if n == width)
+            for layer, (k, v) in enumerate(layers):
+                keys = k.new_zeros((batch, *k.shape[1:2], width, k.shape[3]))
+                values = v.new_zeros((batch, *v.shape[1:2], width, v.shape[3]))
+                for r, (n, states) in enumerate(shared):
+                    if n:
+                        keys[r, :, :n], values[r, :, :n] = states[layer][0][0], states[layer][1][0]
+                cache.update(keys, values, layer)
+
+        visible = torch.zeros(batch, size, dtype=torch.bool, device=device)
+        ids = torch.full((batch, rest), self._tokenizer.pad_token_id, dtype=torch.long)
+        positions = torch.zeros((batch, rest), dtype=torch.long)
+        for r, (row, (n, _)) in enumerate(zip(rows, shared, strict=True)):
+            tail = row[n:]
+            ids[r, rest - len(tail) :] = torch.tensor(tail)
+            positions[r, rest - len(tail) :] = torch.arange(n, len(row))
+            visible[r, :n] = True
+            visible[r, width + rest - len(tail) : width + rest] = True
+        query = torch.arange(width, width + rest, device=device)
+        causal = torch.arange(size, device=device)[None, :] <= query[:, None]
+        seen = visible[:, None, :] & causal[None]
+        seen[:, torch.arange(rest), query] = True  # a pad slot sees itself: no empty row
+        out = model(
+            input_ids=ids.to(device), attention_mask=_additive(seen[:, None], model.dtype),
+            past_key_values=cache, position_ids=positions.to(device), use_cache=True,
+            logits_to_keep=1,
+        )  # fmt: skip
+        visible = _additive(visible[:, None, None, :], model.dtype)  # decode steps add to it
+
+        stops = torch.tensor(sorted(self._eos), device=device)
+        written: list[list[int]] = [[] for _ in rows]
+        done = torch.zeros(batch, dtype=torch.bool, device=device)
+        position = positions[:, -1:].to(device)
+        for step in range(max_tokens):
+            scores = out.logits[:, -1].float()
+            if step < min_new_tokens:
+                scores[:, stops] = float("-inf")
+            chosen = sampler(None, scores).argmax(dim=-1)
+            for r, (token, finished) in enumerate(zip(chosen.tolist(), done.tolist(), strict=True)):
+                if not finished:
+                    written[r].append(token)
+            done |= torch.isin(chosen, stops)
+            if bool(done.all()) or step == max_tokens - 1:
+                break
+            slot = width + rest + step
+            visible[..., slot] = 0.0
+            position = position + 1
+            out = model(
+                input_ids=chosen[:, None], attention_mask=visible,
+                past_key_values=cache, position_ids=position, use_cache=True,
+            )  # fmt: skip
+        return written
