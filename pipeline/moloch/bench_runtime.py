@@ -280,7 +280,7 @@ def bench_compete(spec) -> dict:
     first = None
     for name, batch in (("plain_generate", EARLIER_BATCH), ("backend_16", EARLIER_BATCH),
                         ("backend", spec.batch_size)):  # fmt: skip
-        backend = TransformersBackend(dataclasses.replace(spec, batch_size=batch))
+        backend = TransformersBackend(spec.model_copy(update={"batch_size": batch}))
         engine = PlainGenerate(backend) if name == "plain_generate" else backend
         done, wall, _ = _timed(lambda engine=engine: engine.generate_batch(ballots))
         answers = _tokens(backend, done)
