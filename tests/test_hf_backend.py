@@ -1,5 +1,6 @@
 """TransformersBackend: the sampler as pure code, then the real embedded model (integration)."""
 
+import copy
 import dataclasses
 import json
 
@@ -325,3 +326,20 @@ def test_shared_prefixes_are_computed_once_and_change_no_answer(tmp_path):
     texts = [c.text for c in shared.generate(adapted)]
     assert texts == [c.text for c in whole.generate(adapted)] and texts != expected
     assert [c.text for c in shared.generate(requests)] == expected
+
+
+def test_prepacked_linears_match_dense_and_give_each_row_one_result_at_any_batch():
+    from moloch.llm.hf import _packs_weights, _prepack_linears
+
+    if not _packs_weights("cpu", torch.float32):
+        pytest.skip("this torch has no oneDNN")
+    torch.manual_seed(0)
+    dense = torch.nn.Sequential(torch.nn.Linear(576, 1536), torch.nn.Linear(1536, 576, bias=False))
+    packed = copy.deepcopy(dense)
+    assert _prepack_linears(packed) == 2
+    x = torch.randn(48, 1, 576)
+    with torch.inference_mode():
+        full = packed(x)
+        torch.testing.assert_close(full, dense(x), rtol=1e-4, atol=1e-4)
+        for rows in (2, 3, 7, 16, 33):  # the same bits for a row, whatever else is in the batch
+            assert torch.equal(packed(x[:rows]), full[:rows])

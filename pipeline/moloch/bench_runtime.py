@@ -132,7 +132,9 @@ def bench_generation(backend, batch: int, new_tokens: int) -> dict:
 
 class PlainGenerate:
     """The backend's requests answered by ``transformers`` ``generate`` itself: left padding,
-    its static cache, the backend's sampler as a logits processor (the peer to beat)."""
+    its static cache, the backend's sampler as a logits processor (the peer to beat). Give
+    it a backend built with ``pack_weights=False`` to run the backend as it was before it had
+    its own decoding loop and prepacked weights."""
 
     def __init__(self, backend, batch_size: int | None = None):
         self.backend, self.spec, self.dtype = backend, backend.spec, backend.dtype
@@ -170,13 +172,9 @@ class PlainGenerate:
                 ids = model.generate(
                     **enc, generation_config=config, logits_processor=LogitsProcessorList([sampler])
                 )
-            for row, n in zip(
-                ids[:, enc.input_ids.shape[1] :].tolist(), enc.attention_mask.sum(1), strict=True
-            ):
-                stop = next((j for j, t in enumerate(row) if t in backend._eos), None)
-                kept = row if stop is None else row[:stop]
-                text = tok.decode(kept, skip_special_tokens=True)
-                out.append(Completion(text, int(n), len(kept) + (stop is not None)))
+            new = ids[:, enc.input_ids.shape[1] :].tolist()
+            for row, n in zip(new, enc.attention_mask.sum(1).tolist(), strict=True):
+                out.append(backend.completion(row, n))
         return out
 
 
@@ -269,19 +267,22 @@ def compare_answers(shared: list[tuple], whole: list[tuple]) -> dict:
 EARLIER_BATCH = 16
 
 
-def bench_compete(spec) -> dict:
-    """One compete unit (240 ballots): as it ran before (``generate``, batch 16), then this
-    backend at batch 16 and at the profile's batch; every run's answers compared token for
-    token with the first's."""
+def bench_compete(spec, n_duels: int = 48) -> dict:
+    """One compete unit (240 ballots): as it ran before (``generate``, default matrix
+    product, batch 16), then this backend at batch 16 and at the profile's batch; every run's
+    answers compared token for token with the first's."""
     from .llm.hf import TransformersBackend
 
-    ballots = sorted(compete_ballots(), key=lambda r: r.messages)  # as the client orders
+    ballots = sorted(compete_ballots(n_duels), key=lambda r: r.messages)  # as the client orders
     row: dict = {"ballots": len(ballots), "profile_batch_size": spec.batch_size}
     first = None
     for name, batch in (("plain_generate", EARLIER_BATCH), ("backend_16", EARLIER_BATCH),
                         ("backend", spec.batch_size)):  # fmt: skip
-        backend = TransformersBackend(spec.model_copy(update={"batch_size": batch}))
-        engine = PlainGenerate(backend) if name == "plain_generate" else backend
+        before = name == "plain_generate"
+        backend = TransformersBackend(
+            spec.model_copy(update={"batch_size": batch}), pack_weights=not before
+        )
+        engine = PlainGenerate(backend) if before else backend
         done, wall, _ = _timed(lambda engine=engine: engine.generate_batch(ballots))
         answers = _tokens(backend, done)
         first = first or answers
@@ -390,9 +391,14 @@ def main(argv: list[str] | None = None) -> Path:
         backend.generate_batch(bench_requests(1, 2))  # load and warm up
         result["torch_threads"] = backend.threads
         result["kv_cache"] = "static, shared prefixes computed once"
-        plain = PlainGenerate(backend)
+        result["backend_identity"] = backend.identity()
+        # The same loop on torch's default matrix product, and plain generate on it (before).
+        default = TransformersBackend(spec, dtype=dtype, pack_weights=False)
+        default.generate_batch(bench_requests(1, 2))
+        peers = {"backend": backend, "backend_default_matmul": default}
+        peers["plain_generate"] = PlainGenerate(default)
         for batch in batches:
-            for engine, name in ((backend, "backend"), (plain, "plain_generate")):
+            for name, engine in peers.items():
                 row = {"engine": name, **bench_generation(engine, batch, args.new_tokens)}
                 print(json.dumps(row))
                 result["generation"].append(row)

@@ -1,0 +1,38 @@
+"""The runtime benchmark's parts on tiny inputs (the full run is ``nox -s bench``)."""
+
+import pytest
+
+from moloch.bench_runtime import bench_compete, compare_answers, limits
+from moloch.config import load_profile
+
+
+def test_compare_answers_counts_answers_that_differ_and_their_tokens():
+    row = compare_answers([(1, 2), (3, 4, 5)], [(1, 2), (3, 9, 5)])
+    assert row == {
+        "requests": 2,
+        "answers_differing": 1,
+        "tokens_compared": 5,
+        "first_token_flips_per_1000_tokens": 200.0,
+    }
+
+
+def test_limits_take_the_slower_of_reading_the_weights_and_the_arithmetic():
+    row = limits(params=1_000_000, weight_bytes=4_000_000)
+    assert row["memory_read_gb_per_s"] > 0 and row["matmul_gflop_per_s"] > 0
+    decode = row["decode_tokens_per_s"]
+    assert decode["1"] <= decode["8"] <= decode["16"] <= 16 * decode["1"]
+    assert decode["16"] <= row["prefill_tokens_per_s"]
+
+
+@pytest.mark.integration
+def test_a_compete_unit_runs_as_before_and_as_now_with_the_same_answers():
+    spec = load_profile("smoke").audience
+    row = bench_compete(spec, n_duels=1)
+    assert row["ballots"] == spec.voters  # one duel before every voter
+    for name in ("plain_generate", "backend_16", "backend"):
+        run = row[name]
+        assert run["completion_tokens"] > 0 and run["wall_s"] > 0
+        assert run["answers_vs_plain_generate"]["requests"] == spec.voters
+    assert row["plain_generate"]["prefix_tokens_computed"] == 0  # generate shares nothing
+    assert row["backend"]["prompt_tokens_shared"] > 0
+    assert row["plain_generate"]["answers_vs_plain_generate"]["answers_differing"] == 0
