@@ -229,7 +229,8 @@ def rehearsal(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks into data/runs/bench/: interval coverage, CPU runtime (args go to it), the
     openai backend's pool against waves (pool.json), and the embedded model on three engines
-    (transformers, vLLM engine, vllm serve; in .nox/vllm)."""
+    (transformers, vLLM engine, vllm serve; in .nox/vllm), into runtime.json beside the
+    runtime's figures."""
     _run(session, "moloch.bench_coverage")
     _run(session, "moloch.bench_runtime", *session.posargs)
     _run(session, "moloch.bench_pool")

@@ -1,8 +1,10 @@
 """The runtime benchmark's parts on tiny inputs (the full run is ``nox -s bench``)."""
 
+import json
+
 import pytest
 
-from moloch.bench_runtime import bench_compete, compare_answers, limits
+from moloch.bench_runtime import bench_compete, compare_answers, limits, write_result
 from moloch.config import load_profile
 
 
@@ -22,6 +24,28 @@ def test_limits_take_the_slower_of_reading_the_weights_and_the_arithmetic():
     decode = row["decode_tokens_per_s"]
     assert decode["1"] <= decode["8"] <= decode["16"] <= 16 * decode["1"]
     assert decode["16"] <= row["prefill_tokens_per_s"]
+
+
+def test_the_engines_section_and_the_runtime_figures_keep_each_other(tmp_path, capsys):
+    out = tmp_path / "runtime.json"
+    write_result(out, {"generation": [1]})
+    write_result(out, {"runs": [2]}, section="engines")  # moloch.bench_engines, .nox/vllm
+    both = json.loads(out.read_text())
+    assert both["generation"] == [1] and both["engines"]["runs"] == [2]
+    write_result(out, {"generation": [3]})  # bench_runtime again: the engines stay
+    again = json.loads(out.read_text())
+    assert again["generation"] == [3] and again["engines"]["runs"] == [2]
+    write_result(out, {"compete_unit": 4})  # a figure this run did not make is not kept
+    assert "generation" not in json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("earlier", [b"\xff\xfe", b"[1, 2]", b"{not json"])
+def test_a_runtime_file_that_is_not_a_json_object_is_written_anew(tmp_path, capsys, earlier):
+    out = tmp_path / "runtime.json"
+    out.write_bytes(earlier)
+    write_result(out, {"runs": [1]}, section="engines")
+    assert json.loads(out.read_text())["engines"]["runs"] == [1]
+    assert "written anew" in capsys.readouterr().out
 
 
 @pytest.mark.integration

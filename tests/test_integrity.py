@@ -217,6 +217,31 @@ def test_untrusted_text_is_shown_literally():
         assert "#set page" not in typst.replace("\\#set", "")  # a literal #, not a command
 
 
+def test_a_kill_names_the_stage_it_met_and_never_counts_a_run_that_ended_first(tmp_path):
+    import os
+    import subprocess
+
+    from moloch import faults
+
+    finished = tmp_path / "finished"
+    for i, unit in enumerate(("prepare/a", "train/a", "train/b", "compete/a")):
+        (finished / unit).mkdir(parents=True)
+        (finished / unit / "manifest.json").write_text("{}")
+        os.utime(finished / unit / "manifest.json", (i, i))
+    units = faults._units_by_stage(finished)
+    assert list(units) == ["prepare", "train", "compete"]
+    (finished / "train/b/manifest.json").unlink()
+    assert faults._stage_at(finished, units) == "train"
+    assert faults._stage_at(tmp_path / "empty", units) == "prepare"
+
+    ended = subprocess.Popen(["true"], start_new_session=True)
+    ended.wait()
+    assert faults._kill_at(ended, "group", tmp_path, time.monotonic() + 60) is None
+    running = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    assert faults._kill_at(running, "group", tmp_path, time.monotonic() + 0.2) == "process group"
+    assert running.wait(timeout=5) == -9
+
+
 @pytest.mark.integration
 def test_a_killed_run_leaves_no_kernel_and_resumes_to_the_same_result(tmp_path, mirror_env):
     """One case of the kill campaign: a runner killed with SIGKILL mid-run, then resumed."""
@@ -229,7 +254,9 @@ def test_a_killed_run_leaves_no_kernel_and_resumes_to_the_same_result(tmp_path, 
     shutil.copytree(os.environ["MOLOCH_CACHE"], cache)
     result = faults.kill_campaign(kills=1, work=tmp_path, cache=cache, seed=3)
     case = result["cases"][0]
-    assert case["kill"] == "group" and case["orphans"] == 0 and case["leftovers"] == []
+    assert result["kills"] == 1 and case["signalled"] == "process group"  # killed, not finished
+    assert case["exit_code"] == -9 and case["stage"] in result["kills_by_stage"]
+    assert case["orphans"] == 0 and case["leftovers"] == []
     assert case["resumed_ok"] and case["identical"]
 
 

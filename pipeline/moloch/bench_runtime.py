@@ -205,7 +205,8 @@ def limits(params: int, weight_bytes: int) -> dict:
 
 def compete_ballots(n_duels: int = 48) -> list[ChatRequest]:
     """One compete unit of the smoke profile: ``n_duels`` duels (16 anchors x 3 pairs) before
-    its 5 voters (real personas), two ~60-token messages each (made up, fixed)."""
+    its 5 voters (real personas), two ~60-token messages each (made up, fixed); in the order
+    the client sends them (by their messages)."""
     from . import audience
     from .config import load_profile
     from .data import load_personas
@@ -225,7 +226,8 @@ def compete_ballots(n_duels: int = 48) -> list[ChatRequest]:
         for i in range(n_duels)
     ]
     personas = load_personas()[: spec.voters]
-    return [b.request for b in audience.ballots(spec, "sales", personas, duels, SEED)]
+    ballots = [b.request for b in audience.ballots(spec, "sales", personas, duels, SEED)]
+    return sorted(ballots, key=lambda r: r.messages)
 
 
 def family_requests(families: int = 42, each: int = 12) -> list[ChatRequest]:
@@ -263,6 +265,17 @@ def compare_answers(shared: list[tuple], whole: list[tuple]) -> dict:
     }
 
 
+def time_unit(engine, requests) -> tuple[list[Completion], dict]:
+    """``requests`` answered by ``engine`` in one ``generate_batch`` call: the answers, and
+    the wall time with the prompt and completion tokens."""
+    done, wall, _ = _timed(lambda: engine.generate_batch(requests))
+    return done, {
+        "wall_s": round(wall, 1),
+        "prompt_tokens": sum(c.prompt_tokens for c in done),
+        "completion_tokens": sum(c.completion_tokens for c in done),
+    }
+
+
 # The smoke audience's batch before this backend had its own decoding loop.
 EARLIER_BATCH = 16
 
@@ -273,7 +286,7 @@ def bench_compete(spec, n_duels: int = 48) -> dict:
     answers compared token for token with the first's."""
     from .llm.hf import TransformersBackend
 
-    ballots = sorted(compete_ballots(n_duels), key=lambda r: r.messages)  # as the client orders
+    ballots = compete_ballots(n_duels)
     row: dict = {"ballots": len(ballots), "profile_batch_size": spec.batch_size}
     first = None
     for name, batch in (("plain_generate", EARLIER_BATCH), ("backend_16", EARLIER_BATCH),
@@ -283,14 +296,12 @@ def bench_compete(spec, n_duels: int = 48) -> dict:
             spec.model_copy(update={"batch_size": batch}), pack_weights=not before
         )
         engine = PlainGenerate(backend) if before else backend
-        done, wall, _ = _timed(lambda engine=engine: engine.generate_batch(ballots))
+        done, timing = time_unit(engine, ballots)
         answers = _tokens(backend, done)
         first = first or answers
         row[name] = {
             "batch_size": batch,
-            "wall_s": round(wall, 1),
-            "prompt_tokens": sum(c.prompt_tokens for c in done),
-            "completion_tokens": sum(c.completion_tokens for c in done),
+            **timing,
             "prefix_tokens_computed": backend.prefixes.computed,
             "prompt_tokens_shared": backend.prefixes.reused,
             "answers_vs_plain_generate": compare_answers(answers, first),
@@ -421,11 +432,30 @@ def main(argv: list[str] | None = None) -> Path:
     return write_result(args.out, result)
 
 
-def write_result(out: Path, result: dict) -> Path:
-    """A benchmark's figures to ``out`` (JSON, atomically), with the load average at the end."""
+# Parts of runtime.json that other benchmarks write (moloch.bench_engines, in .nox/vllm).
+SECTIONS = ("engines",)
+
+
+def write_result(out: Path, result: dict, section: str | None = None) -> Path:
+    """A benchmark's figures to ``out`` (JSON, atomically), with the load average at the end:
+    as the whole file, keeping the ``SECTIONS`` it held; or as its ``section``, keeping the
+    rest. A file that does not read as a JSON object is replaced, with a notice."""
     result["loadavg_end"] = os.getloadavg()
+    earlier = {}
+    if out.is_file():
+        try:
+            earlier = json.loads(out.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            earlier = None
+        if not isinstance(earlier, dict):
+            print(f"{out} did not read as a JSON object: written anew")
+            earlier = {}
+    if section:
+        result = {**earlier, section: result}
+    else:
+        result = {**{k: earlier[k] for k in SECTIONS if k in earlier}, **result}
     write_atomic(out, json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {out}" + (f" ({section})" if section else ""))
     return out
 
 

@@ -44,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -248,7 +249,14 @@ def kernels_of(folder: Path) -> list[int]:
 # --- 1. kills --------------------------------------------------------------------------------
 
 
+KILLS = ("group", "kernel", "sigint")  # SIGKILL to the run's process group or its kernel; Ctrl-C
+
+
 def kill_campaign(kills: int, work: Path, cache: Path, seed: int) -> dict:
+    """``kills`` runs, each killed at a random moment of a run, then resumed. A run that
+    finishes before its moment is not a kill: it is counted apart, later moments are drawn
+    from its shorter time (the reference run also filled the shared cache), and another run
+    takes its place."""
     rng = random.Random(seed)
     profile = suite_profile(work)
     with FaultServer() as server:
@@ -257,59 +265,96 @@ def kill_campaign(kills: int, work: Path, cache: Path, seed: int) -> dict:
         start = time.monotonic()
         done = cli_run(profile, reference, env)
         done.communicate()
-        duration = time.monotonic() - start
+        duration = reference_s = time.monotonic() - start
         if done.returncode:
             raise RuntimeError(f"the reference run failed: {done.stderr}")
-        clean = outputs(reference)
-        results = []
-        for i in range(kills):
-            kind = ("group", "kernel", "sigint")[i % 3]
-            folder = work / f"kill-{i:02d}"
-            proc = cli_run(profile, folder, env)
-            env_folder = folder
+        clean, units = outputs(reference), _units_by_stage(reference)
+        results: list[dict] = []
+        finished_first = 0
+        while len(results) < kills:
+            if finished_first > kills:
+                raise RuntimeError(f"{finished_first} runs finished before their kill")
+            kind = KILLS[len(results) % len(KILLS)]
+            folder = work / f"kill-{len(results):02d}"
+            shutil.rmtree(folder, ignore_errors=True)
             at = rng.uniform(0.5, duration * 0.95)
-            deadline = time.monotonic() + at
-            target = None
-            while time.monotonic() < deadline and proc.poll() is None:
-                time.sleep(0.1)
-                if kind == "kernel":
-                    target = next(iter(kernels_of(env_folder)), None)
-                    if target and time.monotonic() > deadline - 0.5:
-                        break
-            finished_first = proc.poll() is not None
-            if not finished_first:
-                if kind == "group":
-                    os.killpg(proc.pid, signal.SIGKILL)
-                elif kind == "sigint":
-                    os.killpg(proc.pid, signal.SIGINT)
-                elif target:
-                    os.kill(target, signal.SIGKILL)
-                else:
-                    os.killpg(proc.pid, signal.SIGKILL)
+            began = time.monotonic()
+            proc = cli_run(profile, folder, env)
+            signalled = _kill_at(proc, kind, folder, began + at)
+            if signalled is None:  # the run ended first: no kill
+                proc.communicate()
+                finished_first += 1
+                duration = min(duration, time.monotonic() - began)
+                continue
             _, err = proc.communicate(timeout=600)
             time.sleep(2.0)
-            orphans = kernels_of(env_folder)
-            traceback = "Traceback" in err
+            orphans = kernels_of(folder)
+            stage = _stage_at(folder, units)
             resumed = cli_run(profile, folder, env)
-            _, rerr = resumed.communicate(timeout=1200)
+            resumed.communicate(timeout=1200)
             results.append({
-                "kill": kind, "at_s": round(at, 1), "finished_before_the_kill": finished_first,
+                "kill": kind, "signalled": signalled, "at_s": round(at, 1), "stage": stage,
                 "exit_code": proc.returncode, "orphans": len(orphans),
-                "traceback_on_kill": traceback and kind == "sigint",
+                "traceback_on_kill": "Traceback" in err and kind == "sigint",
                 "resumed_ok": resumed.returncode == 0,
                 "identical": resumed.returncode == 0 and outputs(folder) == clean,
                 "leftovers": leftovers(folder),
             })  # fmt: skip
             shutil.rmtree(folder, ignore_errors=True)
             # The campaign is long: what it has found so far is on disk after every kill.
-            write_atomic(work / "kills-so-far.json", json.dumps(_kill_counts(results, duration)))
-    return _kill_counts(results, duration)
+            counts = _kill_counts(results, reference_s, finished_first)
+            write_atomic(work / "kills-so-far.json", json.dumps(counts))
+    return _kill_counts(results, reference_s, finished_first)
 
 
-def _kill_counts(results: list[dict], duration: float) -> dict:
+def _kill_at(proc: subprocess.Popen, kind: str, folder: Path, deadline: float) -> str | None:
+    """Signal ``proc`` at ``deadline`` as ``kind`` says; a kernel kill waits, past the
+    deadline if it must, for a live kernel of the run. Returns what was signalled, or None
+    where the run ended first."""
+    target = None
+    while proc.poll() is None:
+        if kind == "kernel":
+            target = next(iter(kernels_of(folder)), None)
+            if target and time.monotonic() >= deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(target, signal.SIGKILL)
+                    return "kernel"
+        elif time.monotonic() >= deadline:
+            os.killpg(proc.pid, signal.SIGINT if kind == "sigint" else signal.SIGKILL)
+            return "process group"
+        time.sleep(0.1)
+    return None
+
+
+def _units_by_stage(folder: Path) -> dict[str, list[str]]:
+    """The manifests of a finished run, by stage (its first folder), in the order run."""
+    found: dict[str, list[tuple[float, str]]] = {}
+    for path in folder.rglob("manifest.json"):
+        stage = path.relative_to(folder).parts[0]
+        found.setdefault(stage, []).append((path.stat().st_mtime, str(path.relative_to(folder))))
+    ordered = sorted(found.items(), key=lambda item: min(item[1]))
+    return {stage: [name for _, name in paths] for stage, paths in ordered}
+
+
+def _stage_at(folder: Path, units: dict[str, list[str]]) -> str:
+    """The first stage of ``units`` with a manifest missing in ``folder`` (the stage a kill
+    met), or "after the stages" (the report's notebooks)."""
+    for stage, names in units.items():
+        if not all((folder / name).is_file() for name in names):
+            return stage
+    return "after the stages"
+
+
+def _kill_counts(results: list[dict], reference_s: float, finished_first: int) -> dict:
+    def tally(key: str) -> dict:
+        return dict(Counter(r[key] for r in results))
+
     return {
         "kills": len(results),
-        "reference_run_s": round(duration, 1),
+        "reference_run_s": round(reference_s, 1),
+        "runs_finished_before_their_kill": finished_first,  # not kills; not counted above
+        "kills_by_kind": tally("kill"),
+        "kills_by_stage": tally("stage"),
         "resumed_identically": sum(r["identical"] for r in results),
         "orphan_processes": sum(r["orphans"] for r in results),
         "leftover_files": sum(len(r["leftovers"]) for r in results),
