@@ -230,6 +230,9 @@ def test_a_kill_names_the_stage_it_met_and_never_counts_a_run_that_ended_first(t
         os.utime(finished / unit / "manifest.json", (i, i))
     units = faults._units_by_stage(finished)
     assert list(units) == ["prepare", "train", "compete"]
+    seconds = faults._stage_seconds(finished, units, started=-1.0)
+    assert seconds == {"prepare": 1.0, "train": 2.0, "compete": 1.0}
+    assert faults._stage_at(finished, units) == "after the stages"
     (finished / "train/b/manifest.json").unlink()
     assert faults._stage_at(finished, units) == "train"
     assert faults._stage_at(tmp_path / "empty", units) == "prepare"
@@ -237,6 +240,7 @@ def test_a_kill_names_the_stage_it_met_and_never_counts_a_run_that_ended_first(t
     ended = subprocess.Popen(["true"], start_new_session=True)
     ended.wait()
     assert faults._kill_at(ended, "group", tmp_path, time.monotonic() + 60) is None
+    assert faults._reached(ended, finished, units, "compete") is None
     running = subprocess.Popen(["sleep", "30"], start_new_session=True)
     assert faults._kill_at(running, "group", tmp_path, time.monotonic() + 0.2) == "process group"
     assert running.wait(timeout=5) == -9

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -288,6 +289,31 @@ def test_kernelspec_runs_this_interpreter(tmp_path, monkeypatch):
     from jupyter_client.kernelspec import KernelSpecManager
 
     assert KernelSpecManager().get_kernel_spec(name).argv[0] == sys.executable
+
+
+def test_the_kernels_own_stderr_goes_to_its_log_not_the_terminal(tmp_path, capfd):
+    import nbformat
+
+    from moloch.kernels import execute_notebook, kernel_log
+
+    notebook = nbformat.v4.new_notebook(metadata={"language_info": {"name": "python"}})
+    notebook.cells = [
+        nbformat.v4.new_code_cell("parameter = 0", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell(
+            "from ipykernel.kernelapp import IPKernelApp\n"
+            "IPKernelApp.instance().log.error('the kernel speaks %s', parameter)\n"
+            "print('a cell prints')"
+        ),
+    ]
+    source, executed = tmp_path / "source.ipynb", tmp_path / "stage" / "unit.ipynb"
+    nbformat.write(notebook, source)
+    execute_notebook(source, executed, {"parameter": 7}, tmp_path)
+    log = kernel_log(tmp_path, executed)
+    assert log == tmp_path / "logs" / "kernels" / "stage" / "unit.log"
+    assert "the kernel speaks 7" in log.read_text()
+    assert "the kernel speaks" not in capfd.readouterr().err
+    assert "a cell prints" in executed.read_text()  # a cell's output stays in the notebook
+    assert "MOLOCH_KERNEL_LOG" not in os.environ
 
 
 @pytest.mark.parametrize("command", sorted(DELEGATED))

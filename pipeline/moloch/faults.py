@@ -253,39 +253,42 @@ KILLS = ("group", "kernel", "sigint")  # SIGKILL to the run's process group or i
 
 
 def kill_campaign(kills: int, work: Path, cache: Path, seed: int) -> dict:
-    """``kills`` runs, each killed at a random moment of a run, then resumed. A run that
-    finishes before its moment is not a kill: it is counted apart, later moments are drawn
-    from its shorter time (the reference run also filled the shared cache), and another run
-    takes its place."""
+    """``kills`` runs, each killed once, then resumed and compared with a clean run. Kill i
+    aims at stage i (in turn, so every stage is met however short) with kind i (in turn), at
+    a random moment within the time that stage took in the reference run. A run that
+    finishes before its kill is not a kill: it is counted apart, and run again."""
     rng = random.Random(seed)
     profile = suite_profile(work)
     with FaultServer() as server:
         env = environment(server, cache)
         reference = work / "reference"
-        start = time.monotonic()
+        started, start = time.time(), time.monotonic()
         done = cli_run(profile, reference, env)
         done.communicate()
-        duration = reference_s = time.monotonic() - start
+        reference_s = time.monotonic() - start
         if done.returncode:
             raise RuntimeError(f"the reference run failed: {done.stderr}")
         clean, units = outputs(reference), _units_by_stage(reference)
+        seconds = _stage_seconds(reference, units, started)
         results: list[dict] = []
         finished_first = 0
         while len(results) < kills:
             if finished_first > kills:
                 raise RuntimeError(f"{finished_first} runs finished before their kill")
             kind = KILLS[len(results) % len(KILLS)]
+            aimed = list(units)[len(results) % len(units)]
+            delay = rng.uniform(0.0, 0.9 * seconds[aimed])
             folder = work / f"kill-{len(results):02d}"
             shutil.rmtree(folder, ignore_errors=True)
-            at = rng.uniform(0.5, duration * 0.95)
             began = time.monotonic()
             proc = cli_run(profile, folder, env)
-            signalled = _kill_at(proc, kind, folder, began + at)
+            entered = _reached(proc, folder, units, aimed)
+            signalled = None if entered is None else _kill_at(proc, kind, folder, entered + delay)
             if signalled is None:  # the run ended first: no kill
                 proc.communicate()
                 finished_first += 1
-                duration = min(duration, time.monotonic() - began)
                 continue
+            at = time.monotonic() - began
             _, err = proc.communicate(timeout=600)
             time.sleep(2.0)
             orphans = kernels_of(folder)
@@ -293,8 +296,8 @@ def kill_campaign(kills: int, work: Path, cache: Path, seed: int) -> dict:
             resumed = cli_run(profile, folder, env)
             resumed.communicate(timeout=1200)
             results.append({
-                "kill": kind, "signalled": signalled, "at_s": round(at, 1), "stage": stage,
-                "exit_code": proc.returncode, "orphans": len(orphans),
+                "kill": kind, "signalled": signalled, "stage_aimed": aimed, "stage": stage,
+                "at_s": round(at, 1), "exit_code": proc.returncode, "orphans": len(orphans),
                 "traceback_on_kill": "Traceback" in err and kind == "sigint",
                 "resumed_ok": resumed.returncode == 0,
                 "identical": resumed.returncode == 0 and outputs(folder) == clean,
@@ -305,6 +308,16 @@ def kill_campaign(kills: int, work: Path, cache: Path, seed: int) -> dict:
             counts = _kill_counts(results, reference_s, finished_first)
             write_atomic(work / "kills-so-far.json", json.dumps(counts))
     return _kill_counts(results, reference_s, finished_first)
+
+
+def _reached(proc: subprocess.Popen, folder: Path, units: dict, stage: str) -> float | None:
+    """When the run in ``folder`` reached ``stage`` (or a later one), or None if it ended."""
+    order = list(units) + ["after the stages"]
+    while proc.poll() is None:
+        if order.index(_stage_at(folder, units)) >= order.index(stage):
+            return time.monotonic()
+        time.sleep(0.05)
+    return None
 
 
 def _kill_at(proc: subprocess.Popen, kind: str, folder: Path, deadline: float) -> str | None:
@@ -334,6 +347,16 @@ def _units_by_stage(folder: Path) -> dict[str, list[str]]:
         found.setdefault(stage, []).append((path.stat().st_mtime, str(path.relative_to(folder))))
     ordered = sorted(found.items(), key=lambda item: min(item[1]))
     return {stage: [name for _, name in paths] for stage, paths in ordered}
+
+
+def _stage_seconds(folder: Path, units: dict[str, list[str]], started: float) -> dict:
+    """How long each stage took in the run in ``folder`` started at ``started`` (epoch
+    seconds): from the previous stage's last manifest to its own last."""
+    seconds, before = {}, started
+    for stage, names in units.items():
+        end = max((folder / name).stat().st_mtime for name in names)
+        seconds[stage], before = max(end - before, 0.1), end
+    return seconds
 
 
 def _stage_at(folder: Path, units: dict[str, list[str]]) -> str:

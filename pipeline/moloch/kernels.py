@@ -8,7 +8,10 @@ papermill only, so nothing is installed into the user's Jupyter.
 The kernel is started through this module (``python -m moloch.kernels``), which
 asks Linux to kill it when the process that started it dies: jupyter starts
 kernels in a session of their own, so without this a runner killed with
-SIGKILL would leave its kernel writing on, with no lock held.
+SIGKILL would leave its kernel writing on, with no lock held. Its own standard
+error (the kernel's log, not a cell's output, which goes into the notebook)
+goes to ``logs/kernels/`` in the run folder: on Ctrl-C a kernel whose runner
+has gone prints tracebacks of its closed sockets, which are not the user's.
 
     python -m moloch.kernels -f CONNECTION_FILE    # what the kernelspec runs
 """
@@ -24,6 +27,8 @@ from pathlib import Path
 from .files import read_json, write_json
 from .hashing import text_sha256
 from .paths import ROOT
+
+KERNEL_LOG_ENV = "MOLOCH_KERNEL_LOG"  # the runner names the file, the kernel it starts reads it
 
 
 def ensure_kernel(folder: Path) -> str:
@@ -61,15 +66,39 @@ def execute_notebook(source: Path, executed: Path, parameters: dict, folder: Pat
     import papermill
 
     executed.parent.mkdir(parents=True, exist_ok=True)
-    papermill.execute_notebook(
-        str(source),
-        str(executed),
-        parameters=parameters,
-        kernel_name=ensure_kernel(folder),
-        cwd=str(ROOT),
-        progress_bar=False,
-    )
+    earlier = os.environ.get(KERNEL_LOG_ENV)
+    os.environ[KERNEL_LOG_ENV] = str(kernel_log(folder, executed))  # the kernel inherits it
+    try:
+        papermill.execute_notebook(
+            str(source),
+            str(executed),
+            parameters=parameters,
+            kernel_name=ensure_kernel(folder),
+            cwd=str(ROOT),
+            progress_bar=False,
+        )
+    finally:
+        if earlier is None:
+            os.environ.pop(KERNEL_LOG_ENV, None)
+        else:
+            os.environ[KERNEL_LOG_ENV] = earlier
     return executed
+
+
+def kernel_log(folder: Path, executed: Path) -> Path:
+    """The file the kernel executing ``executed`` appends its standard error to: under
+    ``folder/logs/kernels/``, by the executed notebook's place in ``folder``."""
+    executed, folder = Path(executed), Path(folder)
+    where = executed.relative_to(folder) if executed.is_relative_to(folder) else executed.name
+    return folder / "logs" / "kernels" / Path(where).with_suffix(".log")
+
+
+def log_stderr_to(path: Path) -> None:
+    """This process's standard error (file descriptor 2) appended to ``path`` from now on."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 PR_SET_PDEATHSIG = 1  # prctl(2)
@@ -90,6 +119,8 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
 
 if __name__ == "__main__":
     die_with_parent()
+    if os.environ.get(KERNEL_LOG_ENV):
+        log_stderr_to(Path(os.environ[KERNEL_LOG_ENV]))
     from ipykernel import kernelapp
 
     kernelapp.launch_new_instance()

@@ -36,7 +36,7 @@ from .config import Profile
 from .errors import StageError
 from .files import read_jsonl, write_json
 from .fingerprints import fingerprint
-from .kernels import execute_notebook
+from .kernels import execute_notebook, kernel_log
 from .locks import shard_lock
 from .manifests import (
     MANIFEST,
@@ -193,8 +193,9 @@ def _run_notebook(unit: Unit, fprint: dict) -> dict:
     except DeadKernelError:
         (unit.out_dir / MANIFEST).unlink(missing_ok=True)
         raise StageError(
-            f"the notebook kernel of {unit.where} died (killed, or out of memory): finished "
-            f"model calls are cached; run again to resume"
+            f"the notebook kernel of {unit.where} died (killed, or out of memory; its log: "
+            f"{kernel_log(unit.run.folder, executed)}): finished model calls are cached; run "
+            f"again to resume"
         ) from None
     manifest = read_manifest(unit.out_dir)
     if manifest is None or manifest["fingerprint"]["digest"] != fprint["digest"]:
