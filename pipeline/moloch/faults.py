@@ -288,11 +288,10 @@ def kill_campaign(kills: int, work: Path, cache: Path, seed: int) -> dict:
                 proc.communicate()
                 finished_first += 1
                 continue
-            at = time.monotonic() - began
+            at, stage = time.monotonic() - began, _stage_at(folder, units)  # the stage it met
             _, err = proc.communicate(timeout=600)
             time.sleep(2.0)
             orphans = kernels_of(folder)
-            stage = _stage_at(folder, units)
             resumed = cli_run(profile, folder, env)
             resumed.communicate(timeout=1200)
             results.append({
