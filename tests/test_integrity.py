@@ -246,6 +246,19 @@ def test_a_kill_names_the_stage_it_met_and_never_counts_a_run_that_ended_first(t
     assert running.wait(timeout=5) == -9
 
 
+def test_the_suite_makes_its_keep_folder_and_refuses_a_kill_count_below_one(tmp_path, monkeypatch):
+    from moloch import faults
+
+    seen = {}
+    monkeypatch.setattr(faults, "run", lambda kills, seed, keep, only: seen.update(keep=keep) or {})
+    keep, out = tmp_path / "not" / "yet", tmp_path / "faults.json"
+    assert faults.main(["--only", "bad_input", "--keep", str(keep), "--out", str(out)]) == 0
+    assert seen["keep"] == keep and keep.is_dir() and out.is_file()
+    with pytest.raises(SystemExit) as refused:
+        faults.main(["--kills", "0", "--out", str(out)])
+    assert refused.value.code == 2
+
+
 @pytest.mark.integration
 def test_a_killed_run_leaves_no_kernel_and_resumes_to_the_same_result(tmp_path, mirror_env):
     """One case of the kill campaign: a runner killed with SIGKILL mid-run, then resumed."""

@@ -798,6 +798,10 @@ def main(argv: list[str] | None = None) -> int:
     only = args.only.split(",") if args.only else CAMPAIGNS
     if unknown := set(only) - set(CAMPAIGNS):
         parser.error(f"unknown campaign(s) {sorted(unknown)}: choose from {', '.join(CAMPAIGNS)}")
+    if args.kills < 1:
+        parser.error(f"--kills must be at least 1, not {args.kills}")
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
     report = run(args.kills, args.seed, args.keep, only)
     if args.only and args.out.is_file():  # a rerun of some campaigns: keep the others' counts
         earlier = json.loads(args.out.read_text(encoding="utf-8"))
