@@ -246,6 +246,23 @@ def test_a_kill_names_the_stage_it_met_and_never_counts_a_run_that_ended_first(t
     assert running.wait(timeout=5) == -9
 
 
+def test_the_suite_s_runs_feel_ctrl_c_even_when_it_was_started_with_sigint_ignored():
+    import signal
+    import subprocess
+    import sys
+
+    from moloch import faults
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a shell's background job
+    try:
+        faults.children_feel_ctrl_c()
+        probe = "import signal; print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)"
+        child = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+        assert child.stdout.strip() == "False"
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def test_the_suite_makes_its_keep_folder_and_refuses_a_kill_count_below_one(tmp_path, monkeypatch):
     from moloch import faults
 

@@ -252,12 +252,20 @@ def kernels_of(folder: Path) -> list[int]:
 KILLS = ("group", "kernel", "sigint")  # SIGKILL to the run's process group or its kernel; Ctrl-C
 
 
+def children_feel_ctrl_c() -> None:
+    """A shell's background job starts with SIGINT ignored, and the runs it starts would
+    inherit that (their Ctrl-C then does nothing): they must meet it as a terminal's run."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def kill_campaign(kills: int, work: Path, cache: Path, seed: int) -> dict:
     """``kills`` runs, each killed once, then resumed and compared with a clean run. Kill i
     aims at stage i (in turn, so every stage is met however short) with kind i (in turn), at
     a random moment within the time that stage took in the reference run. A run that
     finishes before its kill is not a kill: it is counted apart, and run again."""
     rng = random.Random(seed)
+    children_feel_ctrl_c()
     profile = suite_profile(work)
     with FaultServer() as server:
         env = environment(server, cache)
@@ -371,6 +379,9 @@ def _kill_counts(results: list[dict], reference_s: float, finished_first: int) -
     def tally(key: str) -> dict:
         return dict(Counter(r[key] for r in results))
 
+    def tally_of(key: str, kind: str) -> dict:
+        return dict(Counter(str(r[key]) for r in results if r["kill"] == kind))
+
     return {
         "kills": len(results),
         "reference_run_s": round(reference_s, 1),
@@ -381,6 +392,7 @@ def _kill_counts(results: list[dict], reference_s: float, finished_first: int) -
         "orphan_processes": sum(r["orphans"] for r in results),
         "leftover_files": sum(len(r["leftovers"]) for r in results),
         "sigint_tracebacks": sum(r["traceback_on_kill"] for r in results),
+        "sigint_exit_codes": tally_of("exit_code", kind="sigint"),  # Ctrl-C's convention: 130
         "cases": results,
     }
 
@@ -820,6 +832,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "kills resumed identically": of(report["kills"], "resumed_identically", "kills"),
         "orphan processes": report["kills"]["orphan_processes"],
+        "Ctrl-C exit codes": report["kills"].get("sigint_exit_codes"),
         "leftover files": report["kills"]["leftover_files"],
         "corruption used silently": of(report["corruption"], "used_silently", "cases"),
         "bad inputs ending in a traceback": of(report["bad_input"], "tracebacks", "inputs"),
