@@ -376,11 +376,8 @@ def _stage_at(folder: Path, units: dict[str, list[str]]) -> str:
 
 
 def _kill_counts(results: list[dict], reference_s: float, finished_first: int) -> dict:
-    def tally(key: str) -> dict:
-        return dict(Counter(r[key] for r in results))
-
-    def tally_of(key: str, kind: str) -> dict:
-        return dict(Counter(str(r[key]) for r in results if r["kill"] == kind))
+    def tally(key: str, kind: str | None = None) -> dict:  # of every kill, or of one kind's
+        return dict(Counter(str(r[key]) for r in results if kind in (None, r["kill"])))
 
     return {
         "kills": len(results),
@@ -392,7 +389,7 @@ def _kill_counts(results: list[dict], reference_s: float, finished_first: int) -
         "orphan_processes": sum(r["orphans"] for r in results),
         "leftover_files": sum(len(r["leftovers"]) for r in results),
         "sigint_tracebacks": sum(r["traceback_on_kill"] for r in results),
-        "sigint_exit_codes": tally_of("exit_code", kind="sigint"),  # Ctrl-C's convention: 130
+        "sigint_exit_codes": tally("exit_code", kind="sigint"),  # Ctrl-C's convention: 130
         "cases": results,
     }
 
