@@ -54,6 +54,7 @@ from ..config import ModelSpec
 from ..errors import ModelError
 from ..seeds import sampling_seed
 from .adapters import adapter_name
+from .attention import SharedPrefix, register
 from .base import AnswerFormat, ChatRequest, Completion
 from .embedded import check_source, resolve_model, weights_identity
 from .sampling import GENERATE_DEFAULTS, model_defaults, resolve
@@ -507,7 +508,7 @@ class TransformersBackend:
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
             model = AutoModelForCausalLM.from_pretrained(
-                source, revision=revision, dtype=self.dtype, attn_implementation="sdpa"
+                source, revision=revision, dtype=self.dtype, attn_implementation=register()
             )
         except OSError as err:
             raise ModelError(
@@ -665,19 +666,14 @@ class TransformersBackend:
 
         device = self.device
         shared = self.prefixes.share(model, weights, rows)  # per row: (length, states)
-        width = max(n for n, _ in shared)  # prefix slots of the cache
         rest = max(len(row) - n for row, (n, _) in zip(rows, shared, strict=True))
-        size, batch = width + rest + max_tokens, len(rows)
+        size, batch = rest + max_tokens, len(rows)
         cache = StaticCache(config=model.config, max_cache_len=size)
-        if width:
-            layers = next(states for n, states in shared if n == width)
-            for layer, (k, v) in enumerate(layers):
-                keys = k.new_zeros((batch, *k.shape[1:2], width, k.shape[3]))
-                values = v.new_zeros((batch, *v.shape[1:2], width, v.shape[3]))
-                for r, (n, states) in enumerate(shared):
-                    if n:
-                        keys[r, :, :n], values[r, :, :n] = states[layer][0][0], states[layer][1][0]
-                cache.update(keys, values, layer)
+        members: dict[int, tuple[list[int], list]] = {}
+        for r, (n, states) in enumerate(shared):
+            if n:
+                members.setdefault(id(states), ([], states))[0].append(r)
+        groups = [(torch.tensor(r, device=device), states) for r, states in members.values()]
 
         visible = torch.zeros(batch, size, dtype=torch.bool, device=device)
         ids = torch.full((batch, rest), self._tokenizer.pad_token_id, dtype=torch.long)
@@ -686,16 +682,15 @@ class TransformersBackend:
             tail = row[n:]
             ids[r, rest - len(tail) :] = torch.tensor(tail)
             positions[r, rest - len(tail) :] = torch.arange(n, len(row))
-            visible[r, :n] = True
-            visible[r, width + rest - len(tail) : width + rest] = True
-        query = torch.arange(width, width + rest, device=device)
+            visible[r, rest - len(tail) : rest] = True
+        query = torch.arange(rest, device=device)
         causal = torch.arange(size, device=device)[None, :] <= query[:, None]
         seen = visible[:, None, :] & causal[None]
-        seen[:, torch.arange(rest), query] = True  # a pad slot sees itself: no empty row
+        seen[:, query, query] = True  # a pad slot sees itself: no empty row
         out = model(
             input_ids=ids.to(device), attention_mask=_additive(seen[:, None], model.dtype),
             past_key_values=cache, position_ids=positions.to(device), use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=1, shared_prefix=SharedPrefix(groups, filled=rest),
         )  # fmt: skip
         visible = _additive(visible[:, None, None, :], model.dtype)  # decode steps add to it
 
@@ -714,11 +709,12 @@ class TransformersBackend:
             done |= torch.isin(chosen, stops)
             if bool(done.all()) or step == max_tokens - 1:
                 break
-            slot = width + rest + step
+            slot = rest + step
             visible[..., slot] = 0.0
             position = position + 1
             out = model(
                 input_ids=chosen[:, None], attention_mask=visible,
                 past_key_values=cache, position_ids=position, use_cache=True,
+                shared_prefix=SharedPrefix(groups, filled=slot + 1),
             )  # fmt: skip
         return written
