@@ -343,3 +343,47 @@ def test_prepacked_linears_match_dense_and_give_each_row_one_result_at_any_batch
         torch.testing.assert_close(full, dense(x), rtol=1e-4, atol=1e-4)
         for rows in (2, 3, 7, 16, 33):  # the same bits for a row, whatever else is in the batch
             assert torch.equal(packed(x[:rows]), full[:rows])
+
+
+def test_shared_prefix_attention_is_softmax_over_the_prefix_then_the_own_tokens():
+    """Rows that hold a prefix once (and rows with none) against plain attention over each
+    row's prefix and own tokens written out in full; and a row's result does not depend on
+    which other rows share its batch or its prefix."""
+    from types import SimpleNamespace
+
+    from moloch.llm import attention
+
+    torch.manual_seed(0)
+    batch, heads, kv_heads, dim, slots, filled = 5, 6, 2, 64, 12, 9  # dim: the model's
+    module = SimpleNamespace(layer_idx=1)
+    prefixes = [torch.randn(2, 1, kv_heads, n, dim) for n in (40, 33)]  # (keys, values) each
+    states = [[None, (p[0], p[1])] for p in prefixes]  # per layer; layer 1 is used
+    groups = [(torch.tensor([0, 2, 3]), states[0]), (torch.tensor([4]), states[1])]  # row 1: none
+    key, value = torch.randn(batch, kv_heads, slots, dim), torch.randn(batch, kv_heads, slots, dim)
+    for q_len in (1, 3):
+        query = torch.randn(batch, heads, q_len, dim)
+        seen = torch.rand(batch, 1, q_len, slots) < 0.7
+        seen[..., 0] = True  # every query sees at least one of its own tokens
+        mask = torch.zeros(seen.shape).masked_fill(~seen, torch.finfo(torch.float32).min)
+        out, _ = attention.shared_prefix_attention(
+            module, query, key, value, mask, scaling=0.3,
+            shared_prefix=attention.SharedPrefix(groups, filled=filled),
+        )  # fmt: skip
+        assert out.shape == (batch, q_len, heads, dim)
+        prefix_of = {0: 0, 2: 0, 3: 0, 4: 1}
+        for r in range(batch):
+            k, v, m = key[r, :, :filled], value[r, :, :filled], mask[r, :, :, :filled]
+            if r in prefix_of:
+                pk, pv = prefixes[prefix_of[r]][:, 0]
+                k, v = torch.cat([pk, k], 1), torch.cat([pv, v], 1)
+                m = torch.cat([torch.zeros(1, q_len, pk.shape[1]), m], -1)
+            group = heads // kv_heads
+            k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
+            expected = torch.softmax(query[r] @ k.transpose(-1, -2) * 0.3 + m, -1) @ v
+            torch.testing.assert_close(out[r], expected.transpose(0, 1), rtol=1e-5, atol=1e-5)
+        # rows 2 and 3 alone, with their prefix: the same bits
+        alone, _ = attention.shared_prefix_attention(
+            module, query[2:4], key[2:4], value[2:4], mask[2:4], scaling=0.3,
+            shared_prefix=attention.SharedPrefix([(torch.tensor([0, 1]), states[0])], filled),
+        )  # fmt: skip
+        assert torch.equal(alone, out[2:4])

@@ -26,6 +26,10 @@ from dataclasses import dataclass
 
 ATTENTION = "moloch_shared_prefix"
 SCORES_IN_CACHE = 2**19  # prefix scores computed at once (floats): 2 MB
+# Matrix products of 1 to 3 rows take another kernel on CPU, which rounds otherwise: one
+# row of a group decoding alone would get other bits than in company. Padded to 4, a row's
+# result is the same whatever else shares its batch (tests).
+MIN_ROWS = 4
 
 
 @dataclass
@@ -77,14 +81,20 @@ def shared_prefix_attention(
             r = len(chunk)
             # every query of these rows against the prefix at once: [kv_heads, r*g*q, length]
             mine = grouped[chunk].transpose(0, 1).reshape(kv_heads, -1, dim)
-            scores = torch.matmul(mine, keys[0].transpose(-1, -2)).mul_(scale)
+            m = mine.shape[1]
+            if m < MIN_ROWS:  # see MIN_ROWS
+                mine = torch.cat([mine, mine.new_zeros(kv_heads, MIN_ROWS - m, dim)], 1)
+            scores = torch.matmul(mine, keys[0].transpose(-1, -2))[:, :m].mul_(scale)
             peak = scores.amax(dim=-1, keepdim=True).view(kv_heads, r, -1, 1).transpose(0, 1)
             best = torch.maximum(top[chunk], peak)
             top[chunk] = best
             weights = scores.sub_(best.transpose(0, 1).reshape(kv_heads, -1, 1)).exp_()
             summed = weights.sum(dim=-1, keepdim=True).view(kv_heads, r, -1, 1).transpose(0, 1)
             pre_total[chunk] = summed
-            mixed = torch.matmul(weights, values[0]).view(kv_heads, r, -1, dim).transpose(0, 1)
+            if m < MIN_ROWS:
+                weights = torch.cat([weights, weights.new_zeros(kv_heads, MIN_ROWS - m, length)], 1)
+            mixed = torch.matmul(weights, values[0])[:, :m]
+            mixed = mixed.view(kv_heads, r, -1, dim).transpose(0, 1)
             pre_out[chunk] = mixed
     weights = own.sub_(top).exp_()
     total = weights.sum(dim=-1, keepdim=True).add_(pre_total)

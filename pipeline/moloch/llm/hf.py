@@ -22,12 +22,13 @@ mask given explicitly, the logits of the last position only. Requests whose
 prompts begin with the same tokens (a voter's ballots share the system message,
 preamble, persona and instructions: about 400 of 475 tokens; a judge's probes of
 one anchor share all but the message) have that prefix computed once, at batch
-1, and its keys and values copied into each row's cache (``PrefixStore``, kept
-across batches within a memory bound). Each row reads exactly the tokens it
-would read alone, so the answers are those of computing every prompt whole, up
-to the floating-point rounding that batch shapes change anyway (compared token
-for token in the tests and over 504 requests in ``bench_runtime``). The call
-client orders misses by their messages so that such requests meet in a batch.
+1, and kept as one tensor that every row of the batch attends to without copying it
+(``PrefixStore``, kept across batches within a memory bound; ``moloch.llm.attention``).
+Each row reads exactly the tokens it would read alone, so the answers are those
+of computing every prompt whole, up to the floating-point rounding that batch
+shapes change anyway (compared token for token in the tests and over 504 requests
+in ``bench_runtime``). The call client orders misses by their messages so that
+such requests meet in a batch.
 
 Speed on CPU (figures in ``bench_runtime``, with the machine's limits):
 decoding is bound by reading the weights (540 MB in float32) once per step and
@@ -655,11 +656,11 @@ class TransformersBackend:
     def _decode(self, model, weights, rows, sampler, max_tokens, min_new_tokens):
         """The new tokens of each row (up to its first end-of-sequence token).
 
-        One preallocated KV cache for the batch. A row's cache holds, in order: the states of
-        its shared prefix (copied from ``self.prefixes``; zeros, masked, where a row's prefix
-        is shorter than the longest), then the rest of its prompt, left-padded, then what it
-        writes. Positions and the attention mask are given explicitly, so a row reads exactly
-        the tokens it would read alone; padding is never attended to.
+        One preallocated KV cache for the batch. A row's cache holds the rest of its prompt
+        after its shared prefix, left-padded, then what it writes; the prefix's states (from
+        ``self.prefixes``) stay one tensor that every row of its group attends to
+        (:mod:`moloch.llm.attention`). Positions and the attention mask are given explicitly,
+        so a row reads exactly the tokens it would read alone; padding is never attended to.
         """
         import torch
         from transformers import StaticCache
