@@ -55,7 +55,7 @@ from ..config import ModelSpec
 from ..errors import ModelError
 from ..seeds import sampling_seed
 from .adapters import adapter_name
-from .attention import SharedPrefix, register
+from .attention import ATTENTION, SharedPrefix, register
 from .base import AnswerFormat, ChatRequest, Completion
 from .embedded import check_source, resolve_model, weights_identity
 from .sampling import GENERATE_DEFAULTS, model_defaults, resolve
@@ -468,7 +468,8 @@ class TransformersBackend:
     def identity(self) -> dict:
         weights = weights_identity(self.name, self.spec.model, self.spec.revision)
         dtype = str(self.dtype).removeprefix("torch.")
-        identity = {**weights, "dtype": dtype, "device": self.device}
+        # the attention kernel rounds in its own way too (moloch.llm.attention)
+        identity = {**weights, "dtype": dtype, "device": self.device, "attention": ATTENTION}
         if self.pack_weights:  # another kernel rounds otherwise: part of what decides answers
             identity["linear"] = "onednn-prepacked"
         return identity
