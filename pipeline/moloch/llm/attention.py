@@ -81,19 +81,14 @@ def shared_prefix_attention(
             r = len(chunk)
             # every query of these rows against the prefix at once: [kv_heads, r*g*q, length]
             mine = grouped[chunk].transpose(0, 1).reshape(kv_heads, -1, dim)
-            m = mine.shape[1]
-            if m < MIN_ROWS:  # see MIN_ROWS
-                mine = torch.cat([mine, mine.new_zeros(kv_heads, MIN_ROWS - m, dim)], 1)
-            scores = torch.matmul(mine, keys[0].transpose(-1, -2))[:, :m].mul_(scale)
+            scores = _product(mine, keys[0].transpose(-1, -2)).mul_(scale)
             peak = scores.amax(dim=-1, keepdim=True).view(kv_heads, r, -1, 1).transpose(0, 1)
             best = torch.maximum(top[chunk], peak)
             top[chunk] = best
             weights = scores.sub_(best.transpose(0, 1).reshape(kv_heads, -1, 1)).exp_()
             summed = weights.sum(dim=-1, keepdim=True).view(kv_heads, r, -1, 1).transpose(0, 1)
             pre_total[chunk] = summed
-            if m < MIN_ROWS:
-                weights = torch.cat([weights, weights.new_zeros(kv_heads, MIN_ROWS - m, length)], 1)
-            mixed = torch.matmul(weights, values[0])[:, :m]
+            mixed = _product(weights, values[0])
             mixed = mixed.view(kv_heads, r, -1, dim).transpose(0, 1)
             pre_out[chunk] = mixed
     weights = own.sub_(top).exp_()
@@ -101,6 +96,17 @@ def shared_prefix_attention(
     out = torch.matmul(weights, value[:, :, :n]).add_(pre_out)
     out = out.div_(total).view(batch, heads, q_len, dim)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _product(a, b):
+    """``a @ b`` for [heads, rows, k] by [heads, k, n], with at least ``MIN_ROWS`` rows."""
+    import torch
+
+    m = a.shape[1]
+    if m >= MIN_ROWS:
+        return torch.matmul(a, b)
+    padded = torch.cat([a, a.new_zeros(a.shape[0], MIN_ROWS - m, a.shape[2])], 1)
+    return torch.matmul(padded, b)[:, :m]
 
 
 def register() -> str:
