@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run the stage functions in this process instead of through papermill",
     )
+    run.add_argument(
+        "--fresh-kernels", action="store_true",
+        help="a fresh notebook kernel for every unit (the default only where a GPU is or a role "
+        "uses vLLM; elsewhere one warm kernel runs them all, its models kept loaded)",
+    )  # fmt: skip
     status = commands.add_parser(
         "status", help="each unit of a run: up to date, stale (and why) or missing; runs nothing"
     )
@@ -166,6 +171,7 @@ def _main(args) -> int:
         notebooks=not args.no_notebooks,
         yes=args.yes,
         max_cost=args.max_cost,
+        fresh_kernels=True if args.fresh_kernels else None,
     )
     ran = sum(r.status == "ran" for r in reports)
     print(f"moloch: {ran} unit(s) run, {len(reports) - ran} up to date")

@@ -13,6 +13,12 @@ error (the kernel's log, not a cell's output, which goes into the notebook)
 goes to ``logs/kernels/`` in the run folder: on Ctrl-C a kernel whose runner
 has gone prints tracebacks of its closed sockets, which are not the user's.
 
+A :class:`WarmKernel` executes notebook after notebook in one kernel (a run's stage units on
+a machine without a GPU): importing torch and transformers and loading the model take 5 to 8
+seconds, which a fresh kernel would pay again for every unit. Each notebook still starts
+from an empty namespace (IPython's ``%reset``); the imported modules stay, with the models
+they keep loaded (``moloch.llm.hf.warm_backend``).
+
     python -m moloch.kernels -f CONNECTION_FILE    # what the kernelspec runs
 """
 
@@ -57,8 +63,11 @@ def ensure_kernel(folder: Path) -> str:
     return name
 
 
-def execute_notebook(source: Path, executed: Path, parameters: dict, folder: Path) -> Path:
-    """Run ``source`` with ``parameters`` into ``executed`` (cwd: the repository root).
+def execute_notebook(
+    source: Path, executed: Path, parameters: dict, folder: Path, kernel: WarmKernel | None = None
+) -> Path:
+    """Run ``source`` with ``parameters`` into ``executed`` (cwd: the repository root), in a
+    fresh kernel, or in ``kernel`` when one is given.
 
     Raises papermill's PapermillExecutionError when a cell fails; the caller
     says what that means for its step.
@@ -66,6 +75,8 @@ def execute_notebook(source: Path, executed: Path, parameters: dict, folder: Pat
     import papermill
 
     executed.parent.mkdir(parents=True, exist_ok=True)
+    if kernel is not None:
+        return kernel.execute(source, executed, parameters)
     earlier = os.environ.get(KERNEL_LOG_ENV)
     os.environ[KERNEL_LOG_ENV] = str(kernel_log(folder, executed))  # the kernel inherits it
     try:
@@ -91,6 +102,100 @@ def kernel_log(folder: Path, executed: Path) -> Path:
     executed, folder = Path(executed), Path(folder)
     where = executed.relative_to(folder) if executed.is_relative_to(folder) else executed.name
     return folder / "logs" / "kernels" / Path(where).with_suffix(".log")
+
+
+class WarmKernel:
+    """One kernel for many notebooks, started by the first and shut down on leaving the
+    ``with`` block. Its standard error goes to one log, ``log`` (under ``folder/logs/kernels/``,
+    named by host and process); ``env`` is added to the environment it starts with."""
+
+    def __init__(self, folder: Path, env: dict[str, str] | None = None):
+        import socket
+
+        self.folder, self.env = Path(folder), dict(env or {})
+        self.log = (
+            self.folder / "logs" / "kernels" / f"warm-{socket.gethostname()}-{os.getpid()}.log"
+        )
+        self.manager = None
+        self.notebooks = 0  # executed in it so far
+
+    def __enter__(self) -> WarmKernel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _start(self) -> None:
+        from jupyter_client import AsyncKernelManager
+        from jupyter_core.utils import run_sync
+
+        class Manager(AsyncKernelManager):
+            """Remembers the clients papermill makes (one a notebook): they are closed after
+            each notebook, since papermill leaves a kernel it did not start running."""
+
+            def client(self, **kwargs):
+                made = super().client(**kwargs)
+                self.clients.append(made)
+                return made
+
+        manager = Manager(kernel_name=ensure_kernel(self.folder))
+        manager.clients = []
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **self.env, KERNEL_LOG_ENV: str(self.log)}
+        run_sync(manager.start_kernel)(env=env, cwd=str(ROOT))
+        self.manager = manager
+
+    def execute(self, source: Path, executed: Path, parameters: dict) -> Path:
+        """As :func:`execute_notebook`, in this kernel, from an empty namespace."""
+        import papermill
+        from jupyter_core.utils import run_sync
+
+        if self.manager is None:
+            self._start()
+        executed.parent.mkdir(parents=True, exist_ok=True)
+        run_sync(self._reset)()
+        try:
+            papermill.execute_notebook(
+                str(source),
+                str(executed),
+                parameters=parameters,
+                kernel_name=self.manager.kernel_name,
+                km=self.manager,
+                progress_bar=False,
+            )
+        finally:
+            for made in self.manager.clients:
+                made.stop_channels()
+            self.manager.clients.clear()
+            self.notebooks += 1
+        return executed
+
+    async def _reset(self) -> None:
+        """Empty the namespace the last notebook left (a notebook that needs a variable it
+        does not make would fail in a fresh kernel, so it must fail here too)."""
+        made = self.manager.client()
+        made.start_channels()
+        try:
+            await made.wait_for_ready(timeout=60)
+            await made.execute_interactive(
+                "get_ipython().run_line_magic('reset', '-f')", timeout=60
+            )
+        finally:
+            made.stop_channels()
+            self.manager.clients.remove(made)
+
+    def close(self) -> None:
+        """Shut the kernel down (at once: its work is done or abandoned)."""
+        from jupyter_core.utils import run_sync
+
+        manager, self.manager = self.manager, None
+        if manager is None:
+            return
+        try:
+            if run_sync(manager.is_alive)():
+                run_sync(manager.shutdown_kernel)(now=True)
+        finally:
+            run_sync(manager.cleanup_resources)()
 
 
 def log_stderr_to(path: Path) -> None:

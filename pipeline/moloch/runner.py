@@ -7,8 +7,9 @@ The life of one unit (one stage for one task, model and method), from ``moloch r
 2. For each stage in order, each shard and method, it makes the unit (``Unit.of``).
 3. ``decide`` computes the unit's fingerprint once (``fingerprints``: inputs, settings, code).
 4. If the unit's manifest records that fingerprint and its outputs are there: skip it.
-5. Otherwise papermill runs the stage notebook in a fresh kernel, passing the
-   decision (fingerprint and profile digest) as a parameter ...
+5. Otherwise papermill runs the stage notebook, passing the decision (fingerprint and
+   profile digest) as a parameter, in the run's one warm kernel (``kernels.WarmKernel``:
+   on a machine without a GPU, where no role uses vLLM) or else in a fresh kernel ...
 6. ... and the notebook's one call, ``execute``, rebuilds the same unit, checks the
    profile is the one decided on, runs the stage's ``work`` (model calls go through
    the run's call cache) and writes ``manifest.json`` last (``manifests``).
@@ -36,7 +37,7 @@ from .config import Profile
 from .errors import StageError
 from .files import read_jsonl, write_json
 from .fingerprints import fingerprint
-from .kernels import execute_notebook, kernel_log
+from .kernels import WarmKernel, execute_notebook, kernel_log
 from .locks import shard_lock
 from .manifests import (
     MANIFEST,
@@ -47,7 +48,7 @@ from .manifests import (
     summary_line,
 )
 from .paths import ENV_SHARD_CACHE, NOTEBOOKS_DIR
-from .progress import Watcher
+from .progress import ENV_PROGRESS, Watcher
 from .runs import Run, find_run
 from .stages import STAGES, get_stage
 from .units import LlmFactory, Stage, Unit
@@ -160,8 +161,9 @@ def execute(
         return Result(unit.out_dir, _work(unit, fingerprint(unit)))
 
 
-def _run_notebook(unit: Unit, fprint: dict) -> dict:
-    """Step 5: the stage notebook, executed into the unit's folder; returns its manifest."""
+def _run_notebook(unit: Unit, fprint: dict, kernel: WarmKernel | None = None) -> dict:
+    """Step 5: the stage notebook, executed into the unit's folder (in ``kernel``, else a
+    fresh one); returns its manifest."""
     import papermill
     from nbclient.exceptions import DeadKernelError
 
@@ -177,12 +179,10 @@ def _run_notebook(unit: Unit, fprint: dict) -> dict:
         "run_dir": str(unit.run.folder),
         "decision": {"fingerprint": fprint, "profile_digest": unit.profile.digest()},
     }
-    # the kernel's bars; shard jobs on several hosts share the run folder
-    shown = unit.run.folder / ".progress" / f"{socket.gethostname()}-{os.getpid()}.json"
-    shown.parent.mkdir(exist_ok=True)
+    shown = progress_file(unit.run)
     try:
         with Watcher(shown, unit.where):
-            execute_notebook(source, executed, params, unit.run.folder)
+            execute_notebook(source, executed, params, unit.run.folder, kernel)
     except papermill.PapermillExecutionError as err:
         (unit.out_dir / MANIFEST).unlink(missing_ok=True)
         raise StageError(
@@ -192,10 +192,10 @@ def _run_notebook(unit: Unit, fprint: dict) -> dict:
         ) from None
     except DeadKernelError:
         (unit.out_dir / MANIFEST).unlink(missing_ok=True)
+        log = kernel.log if kernel is not None else kernel_log(unit.run.folder, executed)
         raise StageError(
             f"the notebook kernel of {unit.where} died (killed, or out of memory; its log: "
-            f"{kernel_log(unit.run.folder, executed)}): finished model calls are cached; run "
-            f"again to resume"
+            f"{log}): finished model calls are cached; run again to resume"
         ) from None
     manifest = read_manifest(unit.out_dir)
     if manifest is None or manifest["fingerprint"]["digest"] != fprint["digest"]:
@@ -204,6 +204,21 @@ def _run_notebook(unit: Unit, fprint: dict) -> dict:
             f"for in {unit.out_dir / MANIFEST}: does it call moloch.runner.execute(...)?"
         )
     return manifest
+
+
+def progress_file(run: Run) -> Path:
+    """Where this runner's kernel writes its bars (shard jobs on several hosts share a run)."""
+    shown = run.folder / ".progress" / f"{socket.gethostname()}-{os.getpid()}.json"
+    shown.parent.mkdir(parents=True, exist_ok=True)
+    return shown
+
+
+def warm_kernel_fits(run: Run, stages: list[Stage], models: list[str]) -> bool:
+    """Whether one kernel may run every unit: not where a GPU is (each unit's process must
+    give the GPU's memory back: models of several roles and a training would not fit
+    together), nor where a role runs vLLM in the kernel (an engine's memory is not freed)."""
+    gpu = any(Path(device).exists() for device in ("/dev/nvidiactl", "/dev/kfd"))
+    return not gpu and all(spec.backend != "vllm" for spec in _specs(run, stages, models))
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -245,9 +260,12 @@ def run_pipeline(
     log: Callable[[str], None] = print,
     yes: bool = False,
     max_cost: float | None = None,
+    fresh_kernels: bool | None = None,
 ) -> list[UnitReport]:
     """Run (or skip) every unit of the selected stages, in order; see the module docstring.
-    With paid models, ``yes`` and ``max_cost`` are the consent and the cap (moloch.budget)."""
+    With paid models, ``yes`` and ``max_cost`` are the consent and the cap (moloch.budget).
+    ``fresh_kernels``: a kernel of its own for every unit's notebook (None: where one warm
+    kernel does not fit, ``warm_kernel_fits``)."""
     stages = STAGES if stages is None else stages
     run = find_run(profile, run_dir)
     selected = select_stages(stages, only, until)
@@ -268,6 +286,13 @@ def run_pipeline(
             for model in model_list:
                 held.enter_context(shard_lock(run.folder, task, model))
         run.record_profile()
+        if fresh_kernels is None:
+            fresh_kernels = not warm_kernel_fits(run, selected, model_list)
+        kernel = None
+        if notebooks and not fresh_kernels:  # started by the first unit that runs
+            kernel = held.enter_context(
+                WarmKernel(run.folder, {ENV_PROGRESS: str(progress_file(run))})
+            )
         for stage in selected:
             for task in task_list:
                 for model in model_list:
@@ -275,7 +300,7 @@ def run_pipeline(
                         unit = Unit.of(stage, run, task, model, method, factory)
                         if budget is not None:
                             budget.allow((stage.name, task, model, method), unit.where)
-                        report = _run_unit(unit, stage.name in force, notebooks, log)
+                        report = _run_unit(unit, stage.name in force, notebooks, log, kernel)
                         if budget is not None:
                             budget.add(report.dollars)
                         reports.append(report)
@@ -319,14 +344,16 @@ def preflight(run: Run, stages: list[Stage], models: list[str]) -> None:
         )
 
 
-def _run_unit(unit: Unit, force: bool, notebooks: bool, log) -> UnitReport:
+def _run_unit(
+    unit: Unit, force: bool, notebooks: bool, log, kernel: WarmKernel | None = None
+) -> UnitReport:
     started = time.monotonic()
     fprint, must_run = decide(unit, force, log)
     if not must_run:
         log(f"[skip] {unit.where}: up to date")
         return UnitReport(unit.stage.name, unit.task, unit.model, unit.method, "skipped", 0.0)
     log(f"[run ] {unit.where}")
-    manifest = _run_notebook(unit, fprint) if notebooks else _work(unit, fprint)
+    manifest = _run_notebook(unit, fprint, kernel) if notebooks else _work(unit, fprint)
     wall = time.monotonic() - started
     totals = call_totals(manifest)
     log(f"[done] {unit.where} in {wall:.1f}s: {summary_line(totals)}")

@@ -43,9 +43,9 @@ def make_backend(spec: ModelSpec, state_dir: Path | None = None) -> Backend:
 
         return OpenAIBatchBackend(spec, state_dir or cache_dir() / "batches")
     if spec.backend == "transformers":
-        from .hf import TransformersBackend
+        from .hf import warm_backend
 
-        return TransformersBackend(spec)
+        return warm_backend(spec)
     if spec.backend == "vllm":
         try:
             from .vllm_backend import VLLMBackend

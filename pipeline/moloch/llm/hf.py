@@ -432,6 +432,19 @@ class PrefixStore:
         )
 
 
+_WARM: dict[str, TransformersBackend] = {}  # loaded CPU backends of this process, by spec
+
+
+def warm_backend(spec: ModelSpec) -> TransformersBackend:
+    """The backend of ``spec``: the one this process loaded already on CPU, else a new one.
+    A warm kernel (moloch.kernels) runs many units of a run, each asking for its roles'
+    models; loading one (weights, prepacking) takes seconds. A backend's answers do not
+    depend on what it answered before (each request has its own seed; a shared prefix's
+    states are the same whenever computed), so keeping it changes no answer. On a GPU, each
+    unit loads its own, so that its memory goes with the unit."""
+    return _WARM.get(spec.model_dump_json()) or TransformersBackend(spec)
+
+
 class TransformersBackend:
     """Backend over a local transformers model; see the module docstring."""
 
@@ -449,6 +462,13 @@ class TransformersBackend:
         ``share_prefixes=False`` computes every prompt whole (the equivalence test);
         ``pack_weights=False`` keeps torch's default CPU matrix product (comparisons)."""
         self._pack = pack_weights
+        # only a backend as its spec says is kept for the next unit (warm_backend)
+        self._as_specified = (device, dtype, share_prefixes, pack_weights) == (
+            None,
+            None,
+            True,
+            True,
+        )
         self.spec = spec
         self._device = device
         self._model = None  # loaded on first use
@@ -534,6 +554,8 @@ class TransformersBackend:
         if self.pack_weights:
             _prepack_linears(model)
         self._tokenizer, self._model = tokenizer, model
+        if self.device == "cpu" and self._as_specified:
+            _WARM.setdefault(self.spec.model_dump_json(), self)
         return self._model
 
     def _use_adapter(self, path: str | None):
