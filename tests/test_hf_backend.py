@@ -126,6 +126,21 @@ def test_same_request_same_answer_whatever_the_batch(backend):
 
 
 @pytest.mark.integration
+def test_a_loaded_cpu_backend_serves_the_next_unit_of_its_spec_alone(monkeypatch):
+    from moloch.llm import hf, make_backend
+
+    monkeypatch.setattr(hf, "_WARM", {})
+    first = make_backend(SPEC)
+    assert make_backend(SPEC) is not first  # nothing kept before it is loaded
+    first.generate(REQUESTS[:1])
+    assert make_backend(SPEC) is first
+    assert make_backend(SPEC.model_copy(update={"batch_size": 2})) is not first
+    overridden = TransformersBackend(SPEC.model_copy(update={"batch_size": 3}), dtype="float32")
+    overridden.load()  # a benchmark's backend (its own dtype) is not the spec's
+    assert make_backend(SPEC.model_copy(update={"batch_size": 3})) is not overridden
+
+
+@pytest.mark.integration
 def test_min_new_tokens_forces_length(backend):
     [c] = backend.generate_batch([_request("Say hi.", max_tokens=12)], min_new_tokens=12)
     assert c.completion_tokens == 12 and c.finish_reason == "length"
@@ -326,6 +341,46 @@ def test_shared_prefixes_are_computed_once_and_change_no_answer(tmp_path):
     texts = [c.text for c in shared.generate(adapted)]
     assert texts == [c.text for c in whole.generate(adapted)] and texts != expected
     assert [c.text for c in shared.generate(requests)] == expected
+
+
+@pytest.mark.integration
+def test_a_plain_lora_adapter_is_merged_into_the_packed_weights_as_peft_would_add_it(tmp_path):
+    """Merged (the CPU path) against peft's own LoRA layers: the same logits up to rounding;
+    the base weights come back unchanged; an adapter that is not plain LoRA goes to peft."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from moloch.llm.embedded import embedded_checkpoint
+    from moloch.llm.hf import _merge_adapter
+
+    backend = TransformersBackend(SPEC)
+    if not backend.pack_weights:
+        pytest.skip("no prepacked weights on this machine: adapters go through peft")
+    config = peft.LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"])
+    config.init_lora_weights = False  # random B
+    reference = peft.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(embedded_checkpoint()), config
+    ).eval()
+    reference.save_pretrained(tmp_path / "lora")
+    ids = torch.tensor([[1, 504, 3457, 314, 260, 1345, 30, 216, 1130, 2378]])
+    model = backend.load()
+    with torch.inference_mode():
+        base = model(input_ids=ids).logits
+        merged_model, _ = backend._use_adapter(str(tmp_path / "lora"))
+        assert merged_model is model  # no peft wrapper
+        merged = model(input_ids=ids).logits
+        expected = reference(input_ids=ids).logits
+        # float32 rounding of W + BA against W and BA apart, over 30 layers: ~4e-4 of logits ~10
+        torch.testing.assert_close(merged, expected, rtol=1e-3, atol=2e-3)
+        effect = (expected - base).abs().max()
+        assert effect > 0.1 and (merged - expected).abs().max() < effect / 100
+        backend._use_adapter(None)
+        assert torch.equal(model(input_ids=ids).logits, base)
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_rslora=True)
+    peft.get_peft_model(AutoModelForCausalLM.from_pretrained(embedded_checkpoint()), config
+                        ).save_pretrained(tmp_path / "rslora")  # fmt: skip
+    assert not _merge_adapter(model, tmp_path / "rslora")
 
 
 def test_prepacked_linears_match_dense_and_give_each_row_one_result_at_any_batch():

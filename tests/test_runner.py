@@ -316,6 +316,41 @@ def test_the_kernels_own_stderr_goes_to_its_log_not_the_terminal(tmp_path, capfd
     assert "MOLOCH_KERNEL_LOG" not in os.environ
 
 
+def test_a_warm_kernel_runs_notebook_after_notebook_each_from_an_empty_namespace(tmp_path):
+    import nbformat
+
+    from moloch.kernels import WarmKernel
+
+    notebook = nbformat.v4.new_notebook(metadata={"language_info": {"name": "python"}})
+    notebook.cells = [
+        nbformat.v4.new_code_cell("parameter = 0", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell(
+            "import os\n"
+            "print(os.getpid(), parameter, 'left' in dir(), os.environ['MOLOCH_TEST_ENV'])\n"
+            "left = 1\n"
+            "from ipykernel.kernelapp import IPKernelApp\n"
+            "IPKernelApp.instance().log.error('warm kernel %s', parameter)"
+        ),
+    ]
+    source = tmp_path / "source.ipynb"
+    nbformat.write(notebook, source)
+    with WarmKernel(tmp_path, {"MOLOCH_TEST_ENV": "given"}) as kernel:
+        for n in (1, 2):
+            kernel.execute(source, tmp_path / f"unit{n}.ipynb", {"parameter": n})
+        assert not kernel.manager.clients  # papermill's clients closed after each notebook
+    printed = [
+        nbformat.read(tmp_path / f"unit{n}.ipynb", as_version=4).cells[-1].outputs[0]["text"]
+        for n in (1, 2)
+    ]
+    pids = {line.split()[0] for line in printed}
+    assert len(pids) == 1 and [line.split()[1:] for line in printed] == [
+        ["1", "False", "given"],
+        ["2", "False", "given"],  # the first notebook's variable is gone
+    ]
+    assert "warm kernel 1" in kernel.log.read_text() and "warm kernel 2" in kernel.log.read_text()
+    assert kernel.manager is None and not Path(f"/proc/{pids.pop()}").exists()
+
+
 @pytest.mark.parametrize("command", sorted(DELEGATED))
 def test_every_command_is_a_moloch_subcommand_with_its_own_help(command, capsys):
     from moloch import cli

@@ -292,9 +292,10 @@ def _prepack_linears(model) -> int:
     stay in cache between steps, so it reads them at a fraction of the memory bandwidth;
     prepacked, a batch-16 step of the embedded model takes 131 ms instead of 189 (2 cores,
     AVX-512; ``bench_runtime``). Each row's result is the same at every batch size above 1
-    (checked in tests). The dense weight stays the layer's parameter (peft reads it); the
-    packed copy is built once, so the weights must not change after this (adapters are
-    added beside the layers, never merged into them)."""
+    (checked in tests). The dense weight stays the layer's parameter and is never changed
+    (peft and ``_merge_adapter`` read it); ``base`` keeps the packed base weight, and
+    ``packed`` is what the layer computes with: the base, or the base with a LoRA adapter
+    merged in (``_merge_adapter``)."""
     import torch
 
     class PackedLinear(torch.nn.Linear):
@@ -304,10 +305,59 @@ def _prepack_linears(model) -> int:
     count = 0
     for module in list(model.modules()):
         if type(module) is torch.nn.Linear:
-            module.packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach())
+            module.base = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach())
+            module.packed = module.base
             module.__class__ = PackedLinear
             count += 1
     return count
+
+
+# Adapter settings under which a LoRA layer adds exactly scale * B @ A to its weight, with
+# scale = lora_alpha / r: anything else (DoRA, rsLoRA, biases, per-module ranks, extra
+# trained modules) is served by peft itself.
+PLAIN_LORA = {
+    "peft_type": "LORA", "use_dora": False, "use_rslora": False, "bias": "none",
+    "lora_bias": False, "fan_in_fan_out": False, "modules_to_save": None, "rank_pattern": {},
+    "alpha_pattern": {}, "trainable_token_indices": None, "layer_replication": None,
+    "target_parameters": None, "alora_invocation_tokens": None, "use_qalora": False,
+}  # fmt: skip
+
+
+def _merge_adapter(model, folder: Path) -> bool:
+    """Compute ``model``'s prepacked linear layers with the LoRA adapter in ``folder`` merged
+    in (W + lora_alpha / r * B @ A, packed afresh from the unchanged base weight W); False,
+    changing nothing, where the adapter is not plain LoRA over linear layers (``PLAIN_LORA``).
+    Why: through peft, every one of the 210 adapted layers costs two more small products
+    and Python per decoding step (an adapter unit of the smoke run took 5-15 s longer than
+    a base one); merged, a step costs what a base step does."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    config = json.loads((folder / "adapter_config.json").read_text())
+    weights = folder / "adapter_model.safetensors"
+    if any(config.get(k, v) != v for k, v in PLAIN_LORA.items()) or not weights.is_file():
+        return False
+    tensors = load_file(weights)
+    layers = {name: m for name, m in model.named_modules() if hasattr(m, "base")}
+    pairs: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, tensor in tensors.items():
+        name, dot, part = key.removeprefix("base_model.model.").rpartition(".lora_")
+        if not dot or part not in ("A.weight", "B.weight") or name not in layers:
+            return False
+        pairs[name][part[0]] = tensor
+    if any(len(pair) != 2 for pair in pairs.values()):
+        return False
+    scale = config["lora_alpha"] / config["r"]
+    for name, module in layers.items():
+        if name in pairs:
+            a, b = pairs[name]["A"], pairs[name]["B"]
+            merged = module.weight.detach() + scale * (b.to(module.weight) @ a.to(module.weight))
+            module.packed = torch.ops.mkldnn._reorder_linear_weight(merged)
+        else:
+            module.packed = module.base
+    return True
 
 
 def _common(a: Sequence[int], b: Sequence[int]) -> int:
@@ -475,6 +525,7 @@ class TransformersBackend:
         self._tokenizer = None
         self._dtype = _dtype_named(dtype, "TransformersBackend") if dtype else None
         self._adapters: dict[str, tuple[str, tuple]] = {}  # path -> (name, folder signature)
+        self._merged: tuple[str, tuple] | None = None  # the adapter merged in: path, signature
         self.threads: int | None = None
         self.sampling_defaults: dict | None = None  # the model's top_k/top_p, once loaded
         self.prefixes = PrefixStore(PREFIX_STORE_BYTES if share_prefixes else 0)
@@ -492,6 +543,7 @@ class TransformersBackend:
         identity = {**weights, "dtype": dtype, "device": self.device, "attention": ATTENTION}
         if self.pack_weights:  # another kernel rounds otherwise: part of what decides answers
             identity["linear"] = "onednn-prepacked"
+            identity["lora"] = "merged"  # plain LoRA adapters: into the weights (rounds so)
         return identity
 
     @property
@@ -566,6 +618,8 @@ class TransformersBackend:
 
         model = self.load()
         if path is None:
+            if self._merged is not None:
+                self._unmerge()
             if isinstance(model, PeftModel):
                 return model, model.disable_adapter()
             return model, contextlib.nullcontext()
@@ -580,6 +634,15 @@ class TransformersBackend:
             if p.is_file()
         )
         name = adapter_name(folder)
+        if self.pack_weights and not isinstance(model, PeftModel):
+            if self._merged == (str(folder), signature):
+                return model, contextlib.nullcontext()
+            if _merge_adapter(model, folder):
+                self._merged = (str(folder), signature)
+                self._adapters[str(folder)] = (name, signature)
+                return model, contextlib.nullcontext()
+        if self._merged is not None:  # peft serves this one: from the base weights
+            self._unmerge()
         known = self._adapters.get(str(folder))
         if isinstance(model, PeftModel) and known and known[1] != signature:
             model.delete_adapter(name)  # retrained in place: load the new weights
@@ -593,6 +656,13 @@ class TransformersBackend:
             self._adapters[str(folder)] = (name, signature)
         model.set_adapter(name)
         return model, contextlib.nullcontext()
+
+    def _unmerge(self) -> None:
+        """Back to the base weights after a merged adapter (``_merge_adapter``)."""
+        for module in self._model.modules():
+            if hasattr(module, "base"):
+                module.packed = module.base
+        self._merged = None
 
     # --- generation -------------------------------------------------------------
 

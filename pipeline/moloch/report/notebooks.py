@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import StageError
-from ..kernels import execute_notebook
+from ..kernels import WarmKernel, execute_notebook
 from ..paths import PACKAGE_DIR, PIPELINE_DIR, ROOT
 from ..runs import Run
 
@@ -79,8 +79,9 @@ def is_stale(run: Run, chapter: str) -> bool:
     return max(source.stat().st_mtime, newest_code, _newest_input(run)) > built
 
 
-def execute_chapter(run: Run, chapter: str) -> Path:
-    """Execute a chapter's analysis notebook for ``run``; a failed run keeps the old one."""
+def execute_chapter(run: Run, chapter: str, kernel: WarmKernel | None = None) -> Path:
+    """Execute a chapter's analysis notebook for ``run`` (in ``kernel``, else a fresh one);
+    a failed run keeps the old one."""
     import papermill
 
     if not run.folder.is_dir():
@@ -95,7 +96,7 @@ def execute_chapter(run: Run, chapter: str) -> Path:
     declared = papermill.inspect_notebook(str(source))  # the released chapter needs no run
     parameters = {k: v for k, v in offered.items() if k in declared}
     try:
-        execute_notebook(source, tmp, parameters, run.folder)
+        execute_notebook(source, tmp, parameters, run.folder, kernel)
     except papermill.PapermillExecutionError as err:
         raise StageError(
             f"analysis notebook {source.name} failed for chapter {chapter!r} "
@@ -106,12 +107,14 @@ def execute_chapter(run: Run, chapter: str) -> Path:
 
 
 def execute_stale(run: Run, force: bool = False) -> list[str]:
-    """Execute every chapter's notebook that is stale (all of them with ``force``)."""
+    """Execute every chapter's notebook that is stale (all of them with ``force``), one after
+    another in one kernel (each from an empty namespace; pandas and seaborn imported once)."""
     done = []
-    for chapter in CHAPTER_NOTEBOOKS:
-        if force or is_stale(run, chapter):
-            execute_chapter(run, chapter)
-            done.append(chapter)
+    with WarmKernel(run.folder) as kernel:
+        for chapter in CHAPTER_NOTEBOOKS:
+            if force or is_stale(run, chapter):
+                execute_chapter(run, chapter, kernel)
+                done.append(chapter)
     return done
 
 
