@@ -316,6 +316,23 @@ def test_the_kernels_own_stderr_goes_to_its_log_not_the_terminal(tmp_path, capfd
     assert "MOLOCH_KERNEL_LOG" not in os.environ
 
 
+def test_one_warm_kernel_serves_a_run_only_without_a_gpu_or_a_vllm_role(
+    profile, tmp_path, monkeypatch
+):
+    from moloch import runner
+    from moloch.stages import STAGES
+
+    run = find_run(profile, tmp_path / "runs")
+    monkeypatch.setattr(runner, "GPU_DEVICES", (str(tmp_path / "nvidiactl"),))  # none here
+    assert runner.warm_kernel_fits(run, STAGES, ["p"])
+    edit(profile, "judge", "backend", "vllm")
+    vllm_judge = find_run(profile, tmp_path / "runs")
+    assert not runner.warm_kernel_fits(vllm_judge, STAGES, ["p"])
+    assert runner.warm_kernel_fits(vllm_judge, [s for s in STAGES if s.name != "probe"], ["p"])
+    (tmp_path / "nvidiactl").touch()  # a GPU
+    assert not runner.warm_kernel_fits(run, STAGES, ["p"])
+
+
 def test_a_warm_kernel_runs_notebook_after_notebook_each_from_an_empty_namespace(tmp_path):
     import nbformat
 

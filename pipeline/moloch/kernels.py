@@ -117,7 +117,6 @@ class WarmKernel:
             self.folder / "logs" / "kernels" / f"warm-{socket.gethostname()}-{os.getpid()}.log"
         )
         self.manager = None
-        self.notebooks = 0  # executed in it so far
 
     def __enter__(self) -> WarmKernel:
         return self
@@ -167,7 +166,6 @@ class WarmKernel:
             for made in self.manager.clients:
                 made.stop_channels()
             self.manager.clients.clear()
-            self.notebooks += 1
         return executed
 
     async def _reset(self) -> None:

@@ -213,11 +213,14 @@ def progress_file(run: Run) -> Path:
     return shown
 
 
+GPU_DEVICES = ("/dev/nvidiactl", "/dev/kfd")  # a machine with an NVIDIA or AMD GPU has one
+
+
 def warm_kernel_fits(run: Run, stages: list[Stage], models: list[str]) -> bool:
     """Whether one kernel may run every unit: not where a GPU is (each unit's process must
     give the GPU's memory back: models of several roles and a training would not fit
     together), nor where a role runs vLLM in the kernel (an engine's memory is not freed)."""
-    gpu = any(Path(device).exists() for device in ("/dev/nvidiactl", "/dev/kfd"))
+    gpu = any(Path(device).exists() for device in GPU_DEVICES)
     return not gpu and all(spec.backend != "vllm" for spec in _specs(run, stages, models))
 
 
