@@ -291,22 +291,29 @@ def test_kernelspec_runs_this_interpreter(tmp_path, monkeypatch):
     assert KernelSpecManager().get_kernel_spec(name).argv[0] == sys.executable
 
 
-def test_the_kernels_own_stderr_goes_to_its_log_not_the_terminal(tmp_path, capfd):
+def one_cell_notebook(folder: Path, code: str) -> Path:
+    """``folder/source.ipynb``: a parameters cell (``parameter = 0``), then ``code``."""
     import nbformat
-
-    from moloch.kernels import execute_notebook, kernel_log
 
     notebook = nbformat.v4.new_notebook(metadata={"language_info": {"name": "python"}})
     notebook.cells = [
         nbformat.v4.new_code_cell("parameter = 0", metadata={"tags": ["parameters"]}),
-        nbformat.v4.new_code_cell(
-            "from ipykernel.kernelapp import IPKernelApp\n"
-            "IPKernelApp.instance().log.error('the kernel speaks %s', parameter)\n"
-            "print('a cell prints')"
-        ),
+        nbformat.v4.new_code_cell(code),
     ]
-    source, executed = tmp_path / "source.ipynb", tmp_path / "stage" / "unit.ipynb"
-    nbformat.write(notebook, source)
+    nbformat.write(notebook, folder / "source.ipynb")
+    return folder / "source.ipynb"
+
+
+def test_the_kernels_own_stderr_goes_to_its_log_not_the_terminal(tmp_path, capfd):
+    from moloch.kernels import execute_notebook, kernel_log
+
+    source = one_cell_notebook(
+        tmp_path,
+        "from ipykernel.kernelapp import IPKernelApp\n"
+        "IPKernelApp.instance().log.error('the kernel speaks %s', parameter)\n"
+        "print('a cell prints')",
+    )
+    executed = tmp_path / "stage" / "unit.ipynb"
     execute_notebook(source, executed, {"parameter": 7}, tmp_path)
     log = kernel_log(tmp_path, executed)
     assert log == tmp_path / "logs" / "kernels" / "stage" / "unit.log"
@@ -338,19 +345,14 @@ def test_a_warm_kernel_runs_notebook_after_notebook_each_from_an_empty_namespace
 
     from moloch.kernels import WarmKernel
 
-    notebook = nbformat.v4.new_notebook(metadata={"language_info": {"name": "python"}})
-    notebook.cells = [
-        nbformat.v4.new_code_cell("parameter = 0", metadata={"tags": ["parameters"]}),
-        nbformat.v4.new_code_cell(
-            "import os\n"
-            "print(os.getpid(), parameter, 'left' in dir(), os.environ['MOLOCH_TEST_ENV'])\n"
-            "left = 1\n"
-            "from ipykernel.kernelapp import IPKernelApp\n"
-            "IPKernelApp.instance().log.error('warm kernel %s', parameter)"
-        ),
-    ]
-    source = tmp_path / "source.ipynb"
-    nbformat.write(notebook, source)
+    source = one_cell_notebook(
+        tmp_path,
+        "import os\n"
+        "print(os.getpid(), parameter, 'left' in dir(), os.environ['MOLOCH_TEST_ENV'])\n"
+        "left = 1\n"
+        "from ipykernel.kernelapp import IPKernelApp\n"
+        "IPKernelApp.instance().log.error('warm kernel %s', parameter)",
+    )
     with WarmKernel(tmp_path, {"MOLOCH_TEST_ENV": "given"}) as kernel:
         for n in (1, 2):
             kernel.execute(source, tmp_path / f"unit{n}.ipynb", {"parameter": n})
