@@ -129,7 +129,7 @@ def test_same_request_same_answer_whatever_the_batch(backend):
 def test_a_loaded_cpu_backend_serves_the_next_unit_of_its_spec_alone(monkeypatch):
     from moloch.llm import hf, make_backend
 
-    monkeypatch.setattr(hf, "_WARM", {})
+    monkeypatch.setattr(hf, "_WARM", type(hf._WARM)())
     first = make_backend(SPEC)
     assert make_backend(SPEC) is not first  # nothing kept before it is loaded
     first.generate(REQUESTS[:1])
@@ -138,6 +138,11 @@ def test_a_loaded_cpu_backend_serves_the_next_unit_of_its_spec_alone(monkeypatch
     overridden = TransformersBackend(SPEC.model_copy(update={"batch_size": 3}), dtype="float32")
     overridden.load()  # a benchmark's backend (its own dtype) is not the spec's
     assert make_backend(SPEC.model_copy(update={"batch_size": 3})) is not overridden
+    others = [make_backend(SPEC.model_copy(update={"batch_size": n})) for n in (5, 6)]
+    for other in others:
+        other.load()
+    assert make_backend(SPEC) is not first  # two kept: the least recently used went
+    assert [make_backend(o.spec) for o in others] == others
 
 
 @pytest.mark.integration

@@ -482,7 +482,11 @@ class PrefixStore:
         )
 
 
-_WARM: dict[str, TransformersBackend] = {}  # loaded CPU backends of this process, by spec
+# Loaded CPU backends of this process, by spec, the most recently used last. Two: a stage
+# calls at most two roles (episodes: players and voters), and each holds ~1.1 GB for the
+# embedded model (dense and prepacked weights) plus its prefix store.
+_WARM: OrderedDict[str, TransformersBackend] = OrderedDict()
+WARM_BACKENDS = 2
 
 
 def warm_backend(spec: ModelSpec) -> TransformersBackend:
@@ -492,7 +496,18 @@ def warm_backend(spec: ModelSpec) -> TransformersBackend:
     depend on what it answered before (each request has its own seed; a shared prefix's
     states are the same whenever computed), so keeping it changes no answer. On a GPU, each
     unit loads its own, so that its memory goes with the unit."""
-    return _WARM.get(spec.model_dump_json()) or TransformersBackend(spec)
+    key = spec.model_dump_json()
+    if key in _WARM:
+        _WARM.move_to_end(key)
+        return _WARM[key]
+    return TransformersBackend(spec)
+
+
+def _keep_warm(backend: TransformersBackend) -> None:
+    """Keep a just-loaded backend for the next unit; the least recently used goes."""
+    _WARM[backend.spec.model_dump_json()] = backend
+    while len(_WARM) > WARM_BACKENDS:
+        _WARM.popitem(last=False)
 
 
 class TransformersBackend:
@@ -607,7 +622,7 @@ class TransformersBackend:
             _prepack_linears(model)
         self._tokenizer, self._model = tokenizer, model
         if self.device == "cpu" and self._as_specified:
-            _WARM.setdefault(self.spec.model_dump_json(), self)
+            _keep_warm(self)
         return self._model
 
     def _use_adapter(self, path: str | None):
