@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -368,6 +369,28 @@ def test_a_warm_kernel_runs_notebook_after_notebook_each_from_an_empty_namespace
     ]
     assert "warm kernel 1" in kernel.log.read_text() and "warm kernel 2" in kernel.log.read_text()
     assert kernel.manager is None and not Path(f"/proc/{pids.pop()}").exists()
+
+
+def test_ctrl_c_in_a_warm_kernels_notebook_shuts_it_down_without_a_traceback(
+    tmp_path, capfd, caplog
+):
+    import gc
+    import signal
+    import threading
+
+    from moloch.kernels import WarmKernel
+
+    source = one_cell_notebook(tmp_path, "import time\ntime.sleep(30)")
+    started = time.monotonic()
+    timer = threading.Timer(3, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt), WarmKernel(tmp_path) as kernel:
+        kernel.execute(source, tmp_path / "unit.ipynb", {"parameter": 1})
+    timer.join()
+    assert time.monotonic() - started < 25 and kernel.manager is None
+    gc.collect()  # a cell's task left behind would now report its exception (asyncio's log)
+    assert "Traceback" not in capfd.readouterr().err
+    assert "never retrieved" not in caplog.text
 
 
 @pytest.mark.parametrize("command", sorted(DELEGATED))

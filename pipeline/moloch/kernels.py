@@ -187,13 +187,24 @@ class WarmKernel:
         from jupyter_core.utils import run_sync
 
         manager, self.manager = self.manager, None
-        if manager is None:
-            return
+        if manager is not None:
+            run_sync(self._shutdown)(manager)
+
+    @staticmethod
+    async def _shutdown(manager) -> None:
+        import asyncio
+
+        # After Ctrl-C, the interrupted notebook's cell tasks are still pending on this thread's
+        # loop: cancelled and awaited here, or they print "Task exception was never retrieved".
+        left = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in left:
+            task.cancel()
+        await asyncio.gather(*left, return_exceptions=True)
         try:
-            if run_sync(manager.is_alive)():
-                run_sync(manager.shutdown_kernel)(now=True)
+            if await manager.is_alive():
+                await manager.shutdown_kernel(now=True)
         finally:
-            run_sync(manager.cleanup_resources)()
+            await manager.cleanup_resources()
 
 
 def log_stderr_to(path: Path) -> None:
