@@ -388,6 +388,54 @@ def test_a_plain_lora_adapter_is_merged_into_the_packed_weights_as_peft_would_ad
     assert not _merge_adapter(model, tmp_path / "rslora")
 
 
+@pytest.mark.integration
+def test_the_written_out_decoding_step_gives_the_models_own_logits_bit_for_bit(
+    monkeypatch, tmp_path
+):
+    """Every decoding step of ``llama_step.decode_step`` against the model's forward on the same
+    cache: equal logits, in batches of 4 and 1, with shared prefixes, and with a merged LoRA
+    adapter (whose fused products must carry the merged weights)."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from moloch.llm import hf
+    from moloch.llm.embedded import embedded_checkpoint
+
+    backend = TransformersBackend(SPEC)
+    if not hf.can_decode(backend.load()):
+        pytest.skip("no prepacked weights on this machine: decoding goes through the model")
+    step, compared = hf.decode_step, []
+
+    def checked(model, ids, positions, cache, slot, mask, prefix):
+        kept = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+        for layer in cache.layers:
+            layer.cumulative_length.fill_(slot)  # where the model's forward writes
+        expected = model(
+            input_ids=ids, attention_mask=mask, past_key_values=cache, position_ids=positions,
+            use_cache=True, shared_prefix=prefix,
+        ).logits[:, -1]  # fmt: skip
+        for layer, (keys, values) in zip(cache.layers, kept, strict=True):
+            layer.keys.copy_(keys)
+            layer.values.copy_(values)
+        got = step(model, ids, positions, cache, slot, mask, prefix)
+        compared.append(torch.equal(got, expected))
+        return got
+
+    monkeypatch.setattr(hf, "decode_step", checked)
+    requests = _families_of_requests()
+    backend.generate(requests)
+    backend.generate(requests[5:6])
+    config = peft.LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "up_proj"])
+    config.init_lora_weights = False  # random B: the adapter changes the answers
+    model = AutoModelForCausalLM.from_pretrained(embedded_checkpoint())
+    peft.get_peft_model(model, config).save_pretrained(tmp_path / "lora")
+    adapted = [dataclasses.replace(r, adapter=str(tmp_path / "lora")) for r in requests[:4]]
+    steps = len(compared)
+    backend.generate(adapted)
+    assert backend._merged is not None and len(compared) > steps
+    assert len(compared) > 30 and all(compared)
+
+
 def test_prepacked_linears_match_dense_and_give_each_row_one_result_at_any_batch():
     from moloch.llm.hf import _packs_weights, _prepack_linears
 

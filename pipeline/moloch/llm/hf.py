@@ -31,10 +31,12 @@ in ``bench_runtime``). The call client orders misses by their messages so that
 such requests meet in a batch.
 
 Speed on CPU (figures in ``bench_runtime``, with the machine's limits):
-decoding is bound by reading the weights (540 MB in float32) once per step and
-by small matrix products, prefill by arithmetic. On CPU the linear layers run on
+decoding one row is bound by reading the weights (540 MB in float32) once per step;
+from about 8 rows on 2 cores, by arithmetic, as prefill is. On CPU the linear layers run on
 weights prepacked once for oneDNN (``_prepack_linears``: 1.5x faster decoding, and
-each row's result is the same at every batch size above 1). float32 is the default on CPU
+each row's result is the same at every batch size above 1), and a Llama model's decoding
+steps skip transformers' modules (``llama_step``: the model's logits bit for bit, with the
+projections that read one input fused into one product). float32 is the default on CPU
 because it keeps answers independent of the batch (checked in tests); the
 profile's ``dtype: bfloat16`` is faster where the CPU has native bf16, but its
 rounding makes answers depend on the batch composition. The dtype and the
@@ -58,6 +60,7 @@ from .adapters import adapter_name
 from .attention import ATTENTION, SharedPrefix, register
 from .base import AnswerFormat, ChatRequest, Completion
 from .embedded import check_source, resolve_model, weights_identity
+from .llama_step import can_decode, decode_step, fuse_projections
 from .sampling import GENERATE_DEFAULTS, model_defaults, resolve
 
 ENV_THREADS = "MOLOCH_TORCH_THREADS"
@@ -350,13 +353,16 @@ def _merge_adapter(model, folder: Path) -> bool:
     if any(len(pair) != 2 for pair in pairs.values()):
         return False
     scale = config["lora_alpha"] / config["r"]
+    dense = {}  # layer -> its merged weight, for the fused products (llama_step)
     for name, module in layers.items():
         if name in pairs:
             a, b = pairs[name]["A"], pairs[name]["B"]
             merged = module.weight.detach() + scale * (b.to(module.weight) @ a.to(module.weight))
             module.packed = torch.ops.mkldnn._reorder_linear_weight(merged)
+            dense[module] = merged
         else:
             module.packed = module.base
+    fuse_projections(model, dense)
     return True
 
 
@@ -620,6 +626,7 @@ class TransformersBackend:
         model = model.to(self.device).eval()
         if self.pack_weights:
             _prepack_linears(model)
+            fuse_projections(model)
         self._tokenizer, self._model = tokenizer, model
         if self.device == "cpu" and self._as_specified:
             _keep_warm(self)
@@ -677,6 +684,7 @@ class TransformersBackend:
         for module in self._model.modules():
             if hasattr(module, "base"):
                 module.packed = module.base
+        fuse_projections(self._model)
         self._merged = None
 
     # --- generation -------------------------------------------------------------
@@ -803,12 +811,15 @@ class TransformersBackend:
         )  # fmt: skip
         visible = _additive(visible[:, None, None, :], model.dtype)  # decode steps add to it
 
+        logits = out.logits[:, -1]
+        written_out = can_decode(model)  # the step without transformers' modules
+
         stops = torch.tensor(sorted(self._eos), device=device)
         written: list[list[int]] = [[] for _ in rows]
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         position = positions[:, -1:].to(device)
         for step in range(max_tokens):
-            scores = out.logits[:, -1].float()
+            scores = logits.float()
             if step < min_new_tokens:
                 scores[:, stops] = float("-inf")
             chosen = sampler(None, scores).argmax(dim=-1)
@@ -821,9 +832,13 @@ class TransformersBackend:
             slot = rest + step
             visible[..., slot] = 0.0
             position = position + 1
-            out = model(
-                input_ids=chosen[:, None], attention_mask=visible,
-                past_key_values=cache, position_ids=position, use_cache=True,
-                shared_prefix=SharedPrefix(groups, filled=slot + 1),
-            )  # fmt: skip
+            prefix = SharedPrefix(groups, filled=slot + 1)
+            if written_out:
+                ids = chosen[:, None]
+                logits = decode_step(model, ids, position, cache, slot, visible, prefix)
+            else:
+                logits = model(
+                    input_ids=chosen[:, None], attention_mask=visible, past_key_values=cache,
+                    position_ids=position, use_cache=True, shared_prefix=prefix,
+                ).logits[:, -1]  # fmt: skip
         return written

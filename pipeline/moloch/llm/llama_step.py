@@ -1,0 +1,112 @@
+"""One decoding step of a Llama-architecture model, written out (the CPU decode loop).
+
+The transformers backend (:mod:`moloch.llm.hf`) decodes one token per row per step. On
+2 cores at batch 16, a step of the embedded model (SmolLM2-135M, 30 layers) spent about
+40 ms in its matrix products and another 35 ms in the modules around them: seven linear
+layers per decoder layer, each a call through ``nn.Module``, the cache's bookkeeping and
+the model's argument handling. ``decode_step`` computes the same step with the model's own
+modules and operations, in the same order, on the same tensors, so the logits are the
+model's bit for bit (tested against the model's forward), with two changes:
+
+- the query, key and value projections are one matrix product, and so are the MLP's gate
+  and up projections (``fuse_projections``): a product's output columns do not depend on which other
+  columns it computes (same bits, tested), and one larger product reads its weights
+  faster than three small ones;
+- the new key and value go straight into the slot of the static cache that the caller
+  names (``slot``), without the cache's per-layer position arithmetic.
+
+Used only where ``can_decode(model)``: a plain ``LlamaForCausalLM`` (not wrapped by peft)
+whose linear layers run on prepacked weights (``hf._prepack_linears``), without biases,
+with the backend's attention (:mod:`moloch.llm.attention`). Anything else decodes
+through the model's forward.
+"""
+
+from __future__ import annotations
+
+# parent module -> its linear layers that read the same input, in output order
+FUSED = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
+
+
+def can_decode(model) -> bool:
+    """Whether ``decode_step`` computes ``model``'s decoding step (see the module docstring)."""
+    from .attention import ATTENTION
+
+    if type(model).__name__ != "LlamaForCausalLM":
+        return False
+    if getattr(model.config, "_attn_implementation", None) != ATTENTION:
+        return False
+    for layer in model.model.layers:
+        for parent, names in FUSED.items():
+            module = getattr(layer, parent)
+            if not hasattr(module, "fused"):
+                return False
+            if any(getattr(module, n).bias is not None for n in names):
+                return False
+        if layer.self_attn.o_proj.bias is not None or not hasattr(layer.mlp.down_proj, "packed"):
+            return False
+    return True
+
+
+def fuse_projections(model, dense: dict | None = None) -> None:
+    """Give each decoder layer's attention and MLP of a prepacked Llama model one packed
+    weight for their projections that read the same input (``fused``); ``dense`` maps a
+    linear layer to the weight it computes with now (a merged LoRA adapter, from
+    ``hf._merge_adapter``), the others use their own. Without ``dense`` the base weights
+    are packed once and kept (``fused_base``). Does nothing for other models."""
+    import torch
+
+    if type(model).__name__ != "LlamaForCausalLM":
+        return
+    dense = dense or {}
+    for layer in model.model.layers:
+        for parent, names in FUSED.items():
+            module = getattr(layer, parent)
+            parts = [getattr(module, n) for n in names]
+            if not all(hasattr(p, "packed") for p in parts):
+                return  # not prepacked: nothing reads ``fused``
+            if not dense and hasattr(module, "fused_base"):
+                module.fused = module.fused_base
+                continue
+            weight = torch.cat([dense.get(p, p.weight).detach() for p in parts])
+            module.fused = torch.ops.mkldnn._reorder_linear_weight(weight)
+            if not dense:
+                module.fused_base = module.fused
+
+
+def decode_step(model, ids, positions, cache, slot: int, mask, shared_prefix):
+    """Logits [batch, vocab] of one new token per row.
+
+    Reads ``ids`` and ``positions`` [batch, 1], the additive ``mask`` [batch, 1, 1, slots]
+    over each row's own cache (a transformers ``StaticCache`` filled by the prompt's
+    forward) and ``shared_prefix`` (:class:`moloch.llm.attention.SharedPrefix`, whose
+    ``filled`` is ``slot + 1``); writes the new keys and values into ``slot`` of every
+    layer's cache."""
+    import torch
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from .attention import shared_prefix_attention
+
+    linear = torch.ops.mkldnn._linear_pointwise
+    inner, config = model.model, model.config
+    batch = ids.shape[0]
+    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    widths = (config.num_attention_heads * head,) + 2 * (config.num_key_value_heads * head,)
+    hidden = inner.embed_tokens(ids)
+    cos, sin = inner.rotary_emb(hidden, positions)
+    for layer, layer_cache in zip(inner.layers, cache.layers, strict=True):
+        attention, mlp = layer.self_attn, layer.mlp
+        x = layer.input_layernorm(hidden)
+        q, k, v = linear(x, attention.fused, None, "none", [], "").split(widths, dim=-1)
+        q, k, v = (t.view(batch, 1, -1, head).transpose(1, 2) for t in (q, k, v))
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        layer_cache.keys[:, :, slot] = k[:, :, 0]
+        layer_cache.values[:, :, slot] = v[:, :, 0]
+        out, _ = shared_prefix_attention(
+            attention, q, layer_cache.keys, layer_cache.values, mask,
+            scaling=attention.scaling, shared_prefix=shared_prefix,
+        )  # fmt: skip
+        hidden = hidden + attention.o_proj(out.reshape(batch, 1, -1))
+        x = layer.post_attention_layernorm(hidden)
+        gate, up = linear(x, mlp.fused, None, "none", [], "").chunk(2, dim=-1)
+        hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
+    return model.lm_head(inner.norm(hidden))[:, -1]
