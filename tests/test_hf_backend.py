@@ -143,6 +143,8 @@ def test_a_loaded_cpu_backend_serves_the_next_unit_of_its_spec_alone(monkeypatch
         other.load()
     assert make_backend(SPEC) is not first  # two kept: the least recently used went
     assert [make_backend(o.spec) for o in others] == others
+    assert hf.release_warm_backends() == 2  # what training calls first
+    assert all(make_backend(o.spec) is not o for o in others)
 
 
 @pytest.mark.integration

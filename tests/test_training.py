@@ -89,12 +89,15 @@ def test_adapter_is_complete_and_its_hash_reproducible(checkpoint, tmp_path):
     assert load_train_summary(folder) is None
 
 
-def test_empty_or_malformed_rows_are_refused(tmp_path):
+def test_empty_or_malformed_rows_are_refused(tmp_path, monkeypatch):
+    from moloch.llm import hf
     from moloch.training import train_adapter
 
     profile = quick_profile()
+    monkeypatch.setattr(hf, "_WARM", type(hf._WARM)(kept=object()))
     with pytest.raises(DataError, match="training set is empty"):
         train_adapter(profile, profile.players[0], [], tmp_path / "a", seed=1)
+    assert not hf._WARM  # a warm kernel's models are let go before training: it needs the room
     bad = [{"prompt": "text", "completion": "text", "anchor_id": "sales/train/0007"}]
     with pytest.raises(DataError, match="row 0 \\(anchor sales/train/0007\\)"):
         train_adapter(profile, profile.players[0], bad, tmp_path / "a", seed=1)

@@ -240,6 +240,10 @@ def train_adapter(
     import transformers
     import trl
 
+    from .llm.hf import release_warm_backends
+
+    # a warm kernel keeps the models of earlier units (moloch.kernels): training needs the room
+    release_warm_backends()
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted run

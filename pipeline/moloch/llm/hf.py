@@ -509,6 +509,19 @@ def warm_backend(spec: ModelSpec) -> TransformersBackend:
     return TransformersBackend(spec)
 
 
+def release_warm_backends() -> int:
+    """Let go of every backend kept for the next unit (their weights, prefix states and
+    packed copies: about 1.1 GB each for the embedded model); returns how many. Training
+    calls it: its activations need that memory more than the next unit needs a warm model
+    (reloading one takes a few seconds)."""
+    import gc
+
+    count = len(_WARM)
+    _WARM.clear()
+    gc.collect()
+    return count
+
+
 def _keep_warm(backend: TransformersBackend) -> None:
     """Keep a just-loaded backend for the next unit; the least recently used goes."""
     _WARM[backend.spec.model_dump_json()] = backend
