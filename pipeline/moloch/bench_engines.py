@@ -19,6 +19,7 @@ Needs vLLM: ``nox -s bench`` runs it in the paper path's environment (.nox/vllm)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -59,6 +60,17 @@ def _measure(name: str, backend, start, batches: list[int], new_tokens: int) -> 
     return {"engine": name, "start_s": round(time.perf_counter() - began, 1), "rows": rows}
 
 
+def served_ballots() -> list:
+    """The compete unit's ballots (:func:`moloch.bench_runtime.compete_ballots`) with the
+    token budget the rehearsal's audience has: a server forces the answer tags through a
+    regex that may spend a token per character (``answer_regex``), which the smoke
+    audience's 24 tokens cannot hold. Both engines answer these same requests."""
+    budget = load_profile("rehearsal").audience.max_tokens
+    return [
+        dataclasses.replace(b, max_tokens=max(b.max_tokens or 0, budget)) for b in compete_ballots()
+    ]
+
+
 def _compete_unit(backend, ballots) -> dict:
     """The compete unit's ballots in one call, as a compete stage sends them."""
     _, timing = time_unit(backend, ballots)
@@ -77,7 +89,7 @@ def main(argv: list[str] | None = None) -> Path:
     batches = [int(b) for b in args.batches.split(",")]
     n, top = args.new_tokens, max(batches)
     voters = load_profile("smoke").audience  # the compete unit's audience, batch and all
-    ballots = None if args.no_compete else compete_ballots()
+    ballots = None if args.no_compete else served_ballots()
 
     from .llm.embedded import embedded_checkpoint
     from .llm.hf import TransformersBackend
