@@ -6,9 +6,11 @@ tokens per request at each batch size, after one warm-up call; prefill is timed 
 (:func:`moloch.bench_runtime.bench_generation`). The two engines that can force an answer
 format (the transformers backend, and ``vllm serve`` through structured outputs) also
 answer one compete unit of the smoke profile (240 ballots,
-:func:`moloch.bench_runtime.compete_ballots`). The figures go into
-``data/runs/bench/runtime.json`` under ``engines`` (with the machine: cores, CPU flags,
-versions, and each engine's start time), beside what ``moloch.bench_runtime`` wrote there.
+:func:`moloch.bench_runtime.compete_ballots`), at the rehearsal audience's token budget
+(``served_ballots``: a server's forced tags need more tokens than the smoke audience has).
+The figures go into ``data/runs/bench/runtime.json`` under ``engines`` (with the machine:
+cores, CPU flags, versions, and each engine's start time), beside what
+``moloch.bench_runtime`` wrote there.
 
 Needs vLLM: ``nox -s bench`` runs it in the paper path's environment (.nox/vllm).
 
