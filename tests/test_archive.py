@@ -83,6 +83,25 @@ def test_a_damaged_archive_is_refused_and_leaves_nothing(finished, tmp_path):
         unpack(out, original)
 
 
+@pytest.mark.parametrize("name, kind", [("../outside.txt", tarfile.REGTYPE),
+                                        ("/etc/moloch.txt", tarfile.REGTYPE),
+                                        ("profile.yaml", tarfile.SYMTYPE)])  # fmt: skip
+def test_an_archive_member_outside_its_folder_or_a_link_is_refused(tmp_path, name, kind):
+    archive = tmp_path / "evil.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        index = json.dumps({"profile": "smoke", "files": {}}).encode()
+        info = tarfile.TarInfo("ARCHIVE.json")
+        info.size = len(index)
+        tar.addfile(info, io.BytesIO(index))
+        member = tarfile.TarInfo(name)
+        member.type, member.linkname = kind, "/etc/passwd"
+        tar.addfile(member, io.BytesIO(b""))
+    with pytest.raises(ArchiveError, match="not a file or folder inside the run folder"):
+        unpack(archive, tmp_path / "target")
+    assert not (tmp_path / "target").exists() and not (tmp_path / "outside.txt").exists()
+    assert not list(tmp_path.glob(".unpack-*"))
+
+
 def test_the_command_line_round_trip(finished, tmp_path, capsys):
     _, original = finished
     assert cli.main(["archive", "--run-dir", str(original), "--out", str(tmp_path / "a.tgz")]) == 0

@@ -25,7 +25,7 @@ import shutil
 import sqlite3
 import tarfile
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from .errors import MolochError
 from .files import read_json
@@ -155,6 +155,21 @@ def fetch(source: str, sha256: str | None = None) -> Path:
     return path
 
 
+def _checked_members(tar: tarfile.TarFile, archive: Path) -> list[tarfile.TarInfo]:
+    """The archive's members, each a plain file or folder with a relative name inside the
+    folder it unpacks into; anything else (a link, a device, an absolute name, a '..') is
+    refused. tarfile's 'data' filter checks the same, but Python before 3.11.4 has none."""
+    members = tar.getmembers()
+    for member in members:
+        name = PurePosixPath(member.name)
+        if not (member.isfile() or member.isdir()) or name.is_absolute() or ".." in name.parts:
+            raise ArchiveError(
+                f"{archive}: member {member.name!r} is not a file or folder inside the run "
+                f"folder: not a run archive (nothing was unpacked)"
+            )
+    return members
+
+
 def unpack(archive: Path, target: Path | None = None) -> Path:
     """Unpack a checked archive into ``target`` (default ``data/runs/<its profile>``), which
     must not exist; every member is checked against the archive's index first."""
@@ -171,7 +186,11 @@ def unpack(archive: Path, target: Path | None = None) -> Path:
         scratch = Path(tempfile.mkdtemp(prefix=".unpack-", dir=target.parent if
                                         target.parent.exists() else None))  # fmt: skip
         try:
-            tar.extractall(scratch, filter="data")  # no links out, no absolute paths
+            members = _checked_members(tar, archive)
+            if hasattr(tarfile, "data_filter"):  # Python 3.11.4 on: the same checks again
+                tar.extractall(scratch, members, filter="data")
+            else:
+                tar.extractall(scratch, members)
             names = {m.name for m in tar.getmembers() if m.isfile()} - {INDEX}
             if names != set(index["files"]):
                 raise ArchiveError(f"{archive}: its members are not those its {INDEX} lists")
