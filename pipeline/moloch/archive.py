@@ -172,7 +172,8 @@ def _checked_members(tar: tarfile.TarFile, archive: Path) -> list[tarfile.TarInf
 
 def unpack(archive: Path, target: Path | None = None) -> Path:
     """Unpack a checked archive into ``target`` (default ``data/runs/<its profile>``), which
-    must not exist; every member is checked against the archive's index first."""
+    must not exist; every member's kind and name are checked before anything is unpacked,
+    its contents against the archive's index before the run is moved into place."""
     with tarfile.open(archive, "r:gz") as tar:
         try:
             index = json.loads(tar.extractfile(INDEX).read())
@@ -191,7 +192,7 @@ def unpack(archive: Path, target: Path | None = None) -> Path:
                 tar.extractall(scratch, members, filter="data")
             else:
                 tar.extractall(scratch, members)
-            names = {m.name for m in tar.getmembers() if m.isfile()} - {INDEX}
+            names = {m.name for m in members if m.isfile()} - {INDEX}
             if names != set(index["files"]):
                 raise ArchiveError(f"{archive}: its members are not those its {INDEX} lists")
             for name, digest in index["files"].items():
