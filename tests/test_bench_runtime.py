@@ -1,12 +1,20 @@
 """The runtime benchmark's parts on tiny inputs (the full run is ``nox -s bench``)."""
 
 import json
+import time
 
 import pytest
 
-from moloch.bench_runtime import bench_compete, compare_answers, limits, write_result
+from moloch.bench_runtime import (
+    bench_compete,
+    bench_generation,
+    compare_answers,
+    limits,
+    write_result,
+)
 from moloch.config import load_profile
 from moloch.errors import ModelError
+from moloch.llm.base import Completion
 
 
 def test_compare_answers_counts_answers_that_differ_and_their_tokens():
@@ -19,6 +27,29 @@ def test_compare_answers_counts_answers_that_differ_and_their_tokens():
     }
 
 
+class _Paced:
+    """A backend whose decoding runs take the given seconds in turn (prefill: none)."""
+
+    dtype = "float32"
+
+    def __init__(self, seconds):
+        self.seconds = list(seconds)
+
+    def generate_batch(self, requests, min_new_tokens=None):
+        if min_new_tokens:  # a timed decoding run, not the 1-token prefill
+            time.sleep(self.seconds.pop(0))
+        n = requests[0].max_tokens
+        return [Completion(text="x", prompt_tokens=10, completion_tokens=n) for _ in requests]
+
+
+def test_a_generation_figure_is_the_median_of_its_runs_with_every_run_beside_it():
+    row = bench_generation(_Paced([0.05, 0.4, 0.1]), batch=2, new_tokens=5, repeats=3)
+    runs = row["decode_tokens_per_s_runs"]
+    assert len(runs) == 3 and runs[1] < runs[2] < runs[0]  # slowest second, fastest first
+    assert row["decode_tokens_per_s"] == runs[2] and row["repeats"] == 3
+    assert row["completion_tokens"] == 10 and row["all_generated"]
+
+
 def test_limits_take_the_slower_of_reading_the_weights_and_the_arithmetic():
     row = limits(params=1_000_000, weight_bytes=4_000_000)
     assert row["memory_read_gb_per_s"] > 0 and row["matmul_gflop_per_s"] > 0
@@ -26,6 +57,9 @@ def test_limits_take_the_slower_of_reading_the_weights_and_the_arithmetic():
     # figures are rounded to 0.1: where a step reads weights at every batch, 16 x is exact
     assert decode["1"] <= decode["8"] <= decode["16"] <= 16 * (decode["1"] + 0.05)
     assert decode["16"] <= row["prefill_tokens_per_s"]
+    # a prompt token skips the output layer: fewer weights to pass, a higher prefill limit
+    fewer = limits(params=1_000_000, weight_bytes=4_000_000, prompt_params=500_000)
+    assert fewer["prefill_tokens_per_s"] > 1.5 * row["prefill_tokens_per_s"]
 
 
 def test_the_engines_section_and_the_runtime_figures_keep_each_other(tmp_path, capsys):

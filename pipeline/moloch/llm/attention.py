@@ -36,8 +36,9 @@ MIN_ROWS = 4
 class SharedPrefix:
     """What one forward call of a batch attends to besides its own cache.
 
-    ``groups``: (row indices, per-layer (keys, values) of shape [1, kv_heads, length, dim])
-    for each prefix the batch shares; a row in no group has no prefix. ``filled``: how many
+    ``groups``: (rows, per-layer (keys, values) of shape [1, kv_heads, length, dim]) for
+    each prefix the batch shares, the rows as a tensor of indices or, where they are
+    consecutive, a slice; a row in no group has no prefix. ``filled``: how many
     slots of each row's own cache hold tokens after this call's update (the rest are unused
     and never read)."""
 
@@ -77,10 +78,10 @@ def shared_prefix_attention(
         length = keys.shape[2]
         # a few rows at a time keep the prefix's scores small enough to stay in cache
         step = max(1, SCORES_IN_CACHE // (kv_heads * group * q_len * length))
-        for chunk in rows.split(step):
-            r = len(chunk)
+        for chunk in _pieces(rows, step):
             # every query of these rows against the prefix at once: [kv_heads, r*g*q, length]
             mine = grouped[chunk].transpose(0, 1).reshape(kv_heads, -1, dim)
+            r = mine.shape[1] // (group * q_len)
             scores = _product(mine, keys[0].transpose(-1, -2)).mul_(scale)
             peak = scores.amax(dim=-1, keepdim=True).view(kv_heads, r, -1, 1).transpose(0, 1)
             best = torch.maximum(top[chunk], peak)
@@ -96,6 +97,14 @@ def shared_prefix_attention(
     out = torch.matmul(weights, value[:, :, :n]).add_(pre_out)
     out = out.div_(total).view(batch, heads, q_len, dim)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _pieces(rows, step: int):
+    """``rows`` (a slice or a tensor of row indices) in pieces of at most ``step`` rows, of
+    the same kind: a slice selects without copying."""
+    if isinstance(rows, slice):
+        return [slice(i, min(i + step, rows.stop)) for i in range(rows.start, rows.stop, step)]
+    return rows.split(step)
 
 
 def _product(a, b):

@@ -193,6 +193,17 @@ class _RowSampler:
         self.forcers = list(forcers) or [None] * len(requests)
 
     def __call__(self, input_ids, scores):
+        """transformers' logits-processor interface: ``scores`` that keep only ``choose``'s
+        token of each row."""
+        import torch
+
+        chosen = self.choose(scores)
+        out = torch.full_like(scores, float("-inf"))
+        out.scatter_(1, chosen.to(scores.device)[:, None], 0.0)
+        return out
+
+    def choose(self, scores):
+        """The next token of each row of ``scores`` [rows, vocab] (a tensor on the CPU)."""
         import torch
 
         logits = scores.detach().to("cpu", torch.float32)
@@ -206,9 +217,7 @@ class _RowSampler:
         for i, forcer in enumerate(self.forcers):
             if forcer is not None:
                 chosen[i] = forcer.next(int(chosen[i]), lambda ids, i=i: self._pick(i, logits, ids))
-        out = torch.full_like(scores, float("-inf"))
-        out.scatter_(1, chosen.to(scores.device)[:, None], 0.0)
-        return out
+        return chosen
 
     def _pick(self, row: int, logits, allowed: list[int]) -> int:
         """One of ``allowed`` tokens, drawn from the row's own distribution over them."""
@@ -263,6 +272,16 @@ class _RowSampler:
         sorted_p = sorted_p.masked_fill(before >= top_p[cut, None], 0.0)
         chosen[cut] = order.gather(1, pick(sorted_p, u[cut])).flatten()
         return chosen
+
+
+def _rows(indices: list[int], device):
+    """Rows of a batch as attention selects them: a slice where they are consecutive (a
+    view, no copy), else a tensor of indices."""
+    import torch
+
+    if indices == list(range(indices[0], indices[0] + len(indices))):
+        return slice(indices[0], indices[0] + len(indices))
+    return torch.tensor(indices, device=device)
 
 
 def _additive(seen, dtype):
@@ -803,7 +822,7 @@ class TransformersBackend:
         for r, (n, states) in enumerate(shared):
             if n:
                 members.setdefault(id(states), ([], states))[0].append(r)
-        groups = [(torch.tensor(r, device=device), states) for r, states in members.values()]
+        groups = [(_rows(r, device), states) for r, states in members.values()]
 
         visible = torch.zeros(batch, size, dtype=torch.bool, device=device)
         ids = torch.full((batch, rest), self._tokenizer.pad_token_id, dtype=torch.long)
@@ -835,7 +854,7 @@ class TransformersBackend:
             scores = logits.float()
             if step < min_new_tokens:
                 scores[:, stops] = float("-inf")
-            chosen = sampler(None, scores).argmax(dim=-1)
+            chosen = sampler.choose(scores).to(device)
             for r, (token, finished) in enumerate(zip(chosen.tolist(), done.tolist(), strict=True)):
                 if not finished:
                     written[r].append(token)
