@@ -34,7 +34,7 @@ Speed on CPU (figures in ``bench_runtime``, with the machine's limits):
 decoding one row is bound by reading the weights (540 MB in float32) once per step;
 from about 8 rows on 2 cores, by arithmetic, as prefill is. On CPU the linear layers run on
 weights prepacked once for oneDNN (``_prepack_linears``: 1.5x faster decoding, and
-each row's result is the same at every batch size above 1), and a Llama model's decoding
+each row's result is the same at every batch size), and a Llama model's decoding
 steps skip transformers' modules (``llama_step``: the model's logits bit for bit, with the
 projections that read one input fused into one product). float32 is the default on CPU
 because it keeps answers independent of the batch (checked in tests); the
@@ -60,7 +60,7 @@ from .adapters import adapter_name
 from .attention import ATTENTION, SharedPrefix, register
 from .base import AnswerFormat, ChatRequest, Completion
 from .embedded import check_source, resolve_model, weights_identity
-from .llama_step import can_decode, decode_step, fuse_projections
+from .llama_step import can_decode, decode_step, fuse_projections, packed_product
 from .sampling import GENERATE_DEFAULTS, model_defaults, resolve
 
 ENV_THREADS = "MOLOCH_TORCH_THREADS"
@@ -313,16 +313,17 @@ def _prepack_linears(model) -> int:
     default CPU matrix product re-lays the weight out at every call, and the weights do not
     stay in cache between steps, so it reads them at a fraction of the memory bandwidth;
     prepacked, a batch-16 step of the embedded model takes 131 ms instead of 189 (2 cores,
-    AVX-512; ``bench_runtime``). Each row's result is the same at every batch size above 1
-    (checked in tests). The dense weight stays the layer's parameter and is never changed
-    (peft and ``_merge_adapter`` read it); ``base`` keeps the packed base weight, and
+    AVX-512; ``bench_runtime``). Each row's result is the same at every batch size
+    (``llama_step.packed_product`` computes at least 4 rows; checked in tests). The
+    dense weight stays the layer's parameter and is never changed (peft and
+    ``_merge_adapter`` read it); ``base`` keeps the packed base weight, and
     ``packed`` is what the layer computes with: the base, or the base with a LoRA adapter
     merged in (``_merge_adapter``)."""
     import torch
 
     class PackedLinear(torch.nn.Linear):
         def forward(self, x):
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            return packed_product(x, self.packed, self.bias)
 
     count = 0
     for module in list(model.modules()):
