@@ -270,6 +270,9 @@ def test_markdown_table_sizes_columns_by_visible_text_and_says_n_a():
     long = pd.DataFrame({"reason": ["word " * 20], "id": ["x"]})
     assert markdown_table(long).splitlines()[1] == "|:" + "-" * 33 + "|:------|"
     assert row.endswith("| n/a |")
+    # coloured (bold) text gets room for its wider letters: 14 letters as 18, + 3
+    bold = pd.DataFrame({"verdict": [coloured("not comparable", "grey")]})
+    assert markdown_table(bold).splitlines()[1] == "|:" + "-" * 21 + "|"
 
 
 def test_claims_table_says_the_run_wide_reason_once():

@@ -23,6 +23,7 @@ from ..manifests import MANIFEST, call_totals
 from ..runs import Run, find_run
 
 RAW_INLINE = re.compile(r"`[^`]*`\{=\w+\}")  # pandoc raw HTML/Typst: not shown, takes no width
+BOLD_WIDTH = 1.25  # a bold letter's width in plain letters (the PDF's bold verdicts overflowed)
 VERDICT_COLOURS = {"green": "#1a7f37", "amber": "#9a6700", "red": "#cf222e", "grey": "#57606a"}
 
 
@@ -115,11 +116,16 @@ def markdown_table(df: pd.DataFrame) -> str:
     rows = [[cell(v) for v in row] for row in df.itertuples(index=False)]
     # pandoc sizes the columns of a wide table by the dashes under each header: room for
     # the longest word (tables are not hyphenated), and up to 30 characters of a long text.
+    # A coloured cell is bold, wider per letter: measured as BOLD_WIDTH plain letters each.
     widths = []
     for i, name in enumerate(df.columns):
-        texts = [str(name), *(RAW_INLINE.sub("", r[i]) for r in rows)]
-        word = max(len(w) for t in texts for w in [*t.split(), ""])
-        widths.append(max(word, min(max(len(t) for t in texts), 30), 3) + 3)  # + padding
+        texts = [(str(name), 1.0)]
+        texts += [
+            (RAW_INLINE.sub("", r[i]), BOLD_WIDTH if RAW_INLINE.search(r[i]) else 1.0) for r in rows
+        ]
+        word = max(math.ceil(len(w) * k) for t, k in texts for w in [*t.split(), ""])
+        longest = max(math.ceil(len(t) * k) for t, k in texts)
+        widths.append(max(word, min(longest, 30), 3) + 3)  # + padding
     rule = "|" + "|".join(":" + "-" * w for w in widths) + "|"
     body = ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join([header, rule, *body])
