@@ -497,3 +497,18 @@ def test_shared_prefix_attention_is_softmax_over_the_prefix_then_the_own_tokens(
             shared_prefix=attention.SharedPrefix([(torch.tensor([0, 1]), states[0])], filled),
         )  # fmt: skip
         assert torch.equal(alone, out[2:4])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_written_out_norm_is_the_models_own_in_either_dtype(dtype):
+    """``llama_step._norm`` against ``LlamaRMSNorm``: the same bits, in float32 and in
+    bfloat16 (where the module computes in float32 and converts back)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from moloch.llm.llama_step import _norm
+
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(576, eps=1e-5).to(dtype)
+    norm.weight.data = torch.randn(576).to(dtype)
+    x = torch.randn(16, 1, 576).to(dtype)
+    assert torch.equal(_norm(norm, x), norm(x))

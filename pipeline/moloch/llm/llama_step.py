@@ -108,12 +108,10 @@ def decode_step(model, ids, positions, cache, slot: int, mask, shared_prefix):
             attention, q, layer_cache.keys, layer_cache.values, mask,
             scaling=attention.scaling, shared_prefix=shared_prefix,
         )  # fmt: skip
-        o = attention.o_proj
-        hidden = hidden + linear(out.view(batch, 1, -1), o.packed)
+        hidden = hidden + linear(out.view(batch, 1, -1), attention.o_proj.packed)
         x = _norm(layer.post_attention_layernorm, hidden)
         gate, up = linear(x, mlp.fused).chunk(2, dim=-1)
-        down = mlp.down_proj
-        hidden = hidden + linear(mlp.act_fn(gate) * up, down.packed)
+        hidden = hidden + linear(mlp.act_fn(gate) * up, mlp.down_proj.packed)
     return linear(_norm(inner.norm, hidden), model.lm_head.packed)[:, -1]
 
 
@@ -140,13 +138,15 @@ def packed_product(x, packed, bias=None):
 
 
 # The model's modules, written as their own operations on the same operands in the same
-# order (so the same bits), without a module call and its dtype conversions (float32 here).
+# order (so the same bits), without a module call.
 
 
 def _norm(module, x):
-    """``LlamaRMSNorm``: weight * (x * rsqrt(mean(x^2) + eps))."""
+    """``LlamaRMSNorm``: weight * (x * rsqrt(mean(x^2) + eps)), in float32 and back to
+    ``x``'s dtype as the module computes it (no copies when ``x`` is float32)."""
+    dtype, x = x.dtype, x.float()
     scale = x.pow(2).mean(-1, keepdim=True).add_(module.variance_epsilon).rsqrt_()
-    return module.weight * (x * scale)
+    return module.weight * (x * scale).to(dtype)
 
 
 def _turned(sin):
